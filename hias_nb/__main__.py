@@ -1,0 +1,3 @@
+from hias_nb.cli import main
+
+raise SystemExit(main())
