@@ -1,0 +1,103 @@
+"""Run directories: the resolved config beside every run, resumable training state, CSV logs.
+
+A run directory holds ``config.yaml`` (the resolved config), ``state.pt`` (everything needed to resume:
+weights, optimiser, scheduler, scaler, iteration, RNG states), ``log.csv`` and the stage's final files. Re-running
+a stage into the same directory resumes it if the config is the same and refuses (exit 2) if it differs, so
+nothing written before is lost or mixed with another run's files.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from hias_nb.config import config_to_dict
+from hias_nb.errors import InputError
+from hias_nb.io import atomic_path
+
+__all__ = ["prepare_run_dir", "save_state", "load_state", "CsvLog", "resolve_device"]
+
+# Keys that may change between an interrupted run and its resumption without changing the result.
+_RESUME_FREE = {"device", "num_workers", "progress"}
+
+
+def prepare_run_dir(out: str | Path, cfg: Any) -> Path:
+    """Create `out` and write ``config.yaml``; an existing run must have the same config (except device etc.)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    new = config_to_dict(cfg)
+    path = out / "config.yaml"
+    if path.exists():
+        old = yaml.safe_load(path.read_text()) or {}
+        diff = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE and old.get(k) != new.get(k))
+        if diff:
+            k = diff[0]
+            raise InputError(
+                f"{path}: this run directory holds a run with a different config ({k}: {old.get(k)!r} there, "
+                f"{new.get(k)!r} now); choose another --out or delete the folder"
+            )
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(new, sort_keys=False))
+    return out
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Atomically save a resumable training state (tensors, numbers, strings and RNG byte tensors only)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: str | Path) -> dict[str, Any] | None:
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, never guess
+        raise InputError(f"{path}: cannot read the saved training state ({e})") from None
+
+
+class CsvLog:
+    """Append-only CSV of per-iteration metrics; a resumed run truncates rows past its resume point."""
+
+    def __init__(self, path: str | Path, resume_from: int = 0) -> None:
+        self.path = Path(path)
+        self.fields: list[str] | None = None
+        if self.path.exists():
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_from]
+            if rows:
+                self.fields = list(rows[0])
+            with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
+                if self.fields:
+                    w = csv.DictWriter(f, fieldnames=self.fields)
+                    w.writeheader()
+                    w.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        new_file = self.fields is None
+        if new_file:
+            self.fields = list(row)
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new_file:
+                w.writeheader()
+            w.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; an unavailable CUDA request is an InputError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device: {name!r} requested but CUDA is not available on this machine")
+    if not (name == "cpu" or name.startswith("cuda") or name == "mps"):
+        raise InputError(f"device: expected auto, cpu or cuda[:N], got {name!r}")
+    return name
