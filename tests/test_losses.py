@@ -236,3 +236,17 @@ def test_bad_option_strings_name_the_allowed_values():
         region_regularization(logits, label, normalisation="paper")
     with pytest.raises(ValueError, match="pseudo_label"):
         target_cross_entropy(logits, label[:, :2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_matches_cpu():
+    logits, label, teacher = _inputs(10)
+    logits, teacher = logits.float(), teacher.float()
+    cpu = [*region_regularization(logits, label), consistency(logits, teacher, label)]
+    with torch.autocast("cuda", dtype=torch.float16):
+        z = logits.cuda().half()
+        gpu = [*region_regularization(z, label.cuda()), consistency(z, teacher.cuda().half(), label.cuda())]
+    for a, b in zip(cpu, gpu, strict=True):
+        assert b.dtype == torch.float32 and b.device.type == "cuda"
+        assert b.item() == pytest.approx(a.item(), rel=1e-2)
