@@ -1,0 +1,206 @@
+"""toytown generator: determinism, label values, class presence and rarity, domain differences, the on-disk
+layout and manifest, refusal to overwrite and reuse of a matching folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hias_nb.classes import CITYSCAPES_CLASSES, HARD_CANDIDATES
+from hias_nb.data.toytown import (
+    SPLITS,
+    ensure_toytown,
+    generate_toytown,
+    render_scene,
+    split_counts,
+)
+from hias_nb.errors import InputError
+
+SMALL = (32, 64)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def scenes() -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """120 scenes per domain at the default size (about 1.5 s)."""
+    return {d: [render_scene(np.random.default_rng(i), d) for i in range(120)] for d in ("source", "target")}
+
+
+def _fractions(pairs) -> np.ndarray:
+    hist = sum(np.bincount(label.ravel(), minlength=256)[:19] for _, label in pairs)
+    return hist / hist.sum()
+
+
+def test_render_shapes_types_and_label_values(scenes):
+    for domain, pairs in scenes.items():
+        for img, label in pairs[:10]:
+            assert img.shape == (64, 128, 3) and img.dtype == np.uint8
+            assert label.shape == (64, 128) and label.dtype == np.uint8
+        values = np.unique(np.concatenate([label.ravel() for _, label in pairs]))
+        assert set(values.tolist()) <= set(range(19)) | {255}, domain
+
+
+def test_render_is_deterministic_and_size_is_a_parameter():
+    a = render_scene(np.random.default_rng(7), "target", size=(48, 96), severity=0.8)
+    b = render_scene(np.random.default_rng(7), "target", size=(48, 96), severity=0.8)
+    assert a[0].shape == (48, 96, 3)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    c = render_scene(np.random.default_rng(8), "target", size=(48, 96), severity=0.8)
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_render_rejects_bad_arguments():
+    rng = np.random.default_rng(0)
+    with pytest.raises(InputError, match="domain"):
+        render_scene(rng, "photo")
+    with pytest.raises(InputError, match="severity"):
+        render_scene(rng, "target", severity=1.5)
+    with pytest.raises(InputError, match="severity"):
+        render_scene(rng, "source", severity=0.7)
+
+
+def test_every_class_appears_in_both_domains(scenes):
+    for domain, pairs in scenes.items():
+        present = np.zeros(19, dtype=bool)
+        for _, label in pairs:
+            present[np.unique(label)[np.unique(label) < 19]] = True
+        missing = [CITYSCAPES_CLASSES[k] for k in range(19) if not present[k]]
+        assert not missing, f"{domain}: classes never drawn: {missing}"
+
+
+def test_hard_classes_are_rare_but_frequent_enough(scenes):
+    for domain, pairs in scenes.items():
+        frac = _fractions(pairs)
+        for k in HARD_CANDIDATES:
+            name = CITYSCAPES_CLASSES[k]
+            assert 0.001 < frac[k] < 0.05, f"{domain}: {name} covers {frac[k]:.4f} of pixels"
+            images_with = sum(bool((label == k).any()) for _, label in pairs)
+            assert images_with >= 0.3 * len(pairs), f"{domain}: {name} in only {images_with} images"
+        # the large "stuff" classes dominate, as in street data
+        assert frac[0] > 0.25 and frac[2] > 0.12
+
+
+def test_thin_objects_are_at_least_two_pixels_wide(scenes):
+    """No 1-px poles: every horizontal run of pole pixels that is not cut by the image edge is >= 2 px."""
+    runs = []
+    for _, label in scenes["source"][:40]:
+        pole = label == 5
+        for row in pole[:, 1:-1]:
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
+            runs.extend((edges[1::2] - edges[0::2]).tolist())
+    runs = np.asarray(runs)
+    # a lamp arm or an occluder can clip a pole; the bulk of runs must still be at least 2 px wide
+    assert len(runs) > 100 and (runs >= 2).mean() > 0.9
+
+
+def test_target_differs_in_appearance_but_shares_the_layout(scenes):
+    def road_colour(pairs):
+        return np.concatenate([img[label == 0] for img, label in pairs]).astype(np.float64).mean(0)
+
+    def sky_colour(pairs):
+        return np.concatenate([img[label == 10] for img, label in pairs]).astype(np.float64).mean(0)
+
+    assert np.abs(road_colour(scenes["source"]) - road_colour(scenes["target"])).max() > 20
+    # sky: the photo-like sky is paler (less blue than red/green relative to the game sky)
+    src, tgt = sky_colour(scenes["source"]), sky_colour(scenes["target"])
+    assert (src[2] - src[0]) - (tgt[2] - tgt[0]) > 40
+    # target images are blurrier: smaller mean absolute horizontal gradient at the same layout statistics
+    grad = {d: np.mean([np.abs(np.diff(img.astype(np.int16), axis=1)).mean() for img, _ in p])
+            for d, p in scenes.items()}  # fmt: skip
+    assert grad["target"] < grad["source"]
+    # layout: the big classes keep similar shares (within 25 % relative) ...
+    fs, ft = _fractions(scenes["source"]), _fractions(scenes["target"])
+    for k in (0, 1, 2, 10):
+        assert abs(fs[k] - ft[k]) < 0.25 * fs[k], CITYSCAPES_CLASSES[k]
+    # ... while object statistics differ by design: more pedestrians, fewer trucks in the target
+    assert ft[11] > fs[11] and ft[14] < fs[14]
+
+
+def test_severity_is_drawn_per_target_image_and_scales_the_shift():
+    base = render_scene(np.random.default_rng(3), "target", severity=0.0)
+    strong = render_scene(np.random.default_rng(3), "target", severity=1.0)
+    weak = render_scene(np.random.default_rng(3), "target", severity=0.3)
+    # same layout for the same rng state, whatever the severity
+    assert np.array_equal(base[1], strong[1]) and np.array_equal(base[1], weak[1])
+    d_weak = np.abs(weak[0].astype(int) - base[0].astype(int)).mean()
+    d_strong = np.abs(strong[0].astype(int) - base[0].astype(int)).mean()
+    assert 0 < d_weak < d_strong
+
+
+def test_generate_layout_manifest_and_determinism(tmp_path):
+    out = tmp_path / "tt"
+    m = generate_toytown(out, images=10, seed=3, size=SMALL, workers=1, progress=False)
+    assert m["dataset"] == "toytown" and m["version"] == 1 and m["seed"] == 3 and m["size"] == [32, 64]
+    assert m["counts"] == {"source_train": 10, "source_val": 2, "target_train": 10, "target_val": 3}
+    assert m["counts"] == split_counts(10)
+    assert json.loads((out / "manifest.json").read_text()) == m
+    assert set(m["class_pixel_fraction"]) == set(SPLITS)
+    for split in SPLITS:
+        fr = m["class_pixel_fraction"][split]
+        assert list(fr) == list(CITYSCAPES_CLASSES) and abs(sum(fr.values()) - 1) < 1e-4
+        domain, part = split.split("_")
+        for kind in ("images", "labels"):
+            names = sorted(p.name for p in (out / domain / part / kind).iterdir())
+            assert names == [f"{i:05d}.png" for i in range(m["counts"][split])]
+        label = Image.open(out / domain / part / "labels" / "00000.png")
+        image = Image.open(out / domain / part / "images" / "00000.png")
+        assert label.mode == "L" and image.mode == "RGB" and image.size == (64, 32)
+        assert set(np.unique(np.asarray(label)).tolist()) <= set(range(19)) | {255}
+    assert m["seconds"] >= 0 and "source_style" in m["generator"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tt"]  # no temporary folder left behind
+
+    # same seed, other worker count -> same bytes; another seed -> different images
+    again = tmp_path / "again"
+    generate_toytown(again, images=10, seed=3, size=SMALL, workers=2, progress=False)
+    assert _files(out) == _files(again)
+    other = tmp_path / "other"
+    generate_toytown(other, images=10, seed=4, size=SMALL, workers=1, progress=False)
+    a, b = _files(out), _files(other)
+    assert a.keys() == b.keys() and sum(a[k] != b[k] for k in a) == len(a)
+
+
+def test_generate_reuses_matching_and_refuses_foreign_folders(tmp_path):
+    out = tmp_path / "tt"
+    m = generate_toytown(out, images=5, seed=1, size=SMALL, workers=1, progress=False)
+    stamp = (out / "source/train/images/00000.png").stat().st_mtime_ns
+    assert ensure_toytown(out, images=5, seed=1, size=SMALL) == m  # reused, not rewritten
+    assert (out / "source/train/images/00000.png").stat().st_mtime_ns == stamp
+    with pytest.raises(InputError, match=str(out)):
+        generate_toytown(out, images=5, seed=2, size=SMALL, progress=False)  # other seed
+    with pytest.raises(InputError, match=str(out)):
+        generate_toytown(out, images=6, seed=1, size=SMALL, progress=False)  # other counts
+    (out / "source/train/images/00004.png").unlink()  # incomplete: not reused, not overwritten
+    with pytest.raises(InputError, match=str(out)):
+        generate_toytown(out, images=5, seed=1, size=SMALL, progress=False)
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(InputError, match="mine"):
+        generate_toytown(foreign, images=5, size=SMALL, progress=False)
+    assert (foreign / "notes.txt").read_text() == "precious"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    generate_toytown(empty, images=2, size=SMALL, workers=1, progress=False)  # an empty folder is fine
+    assert (empty / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "tt"]
+
+
+def test_toytown_grid_draws_without_a_display(tmp_path):
+    from hias_nb.viz import toytown_grid
+
+    out = tmp_path / "tt"
+    generate_toytown(out, images=3, size=SMALL, workers=1, progress=False)
+    fig = toytown_grid(out, n=2)
+    assert len(fig.axes) == 8 and fig.axes[0].get_title().startswith("source")
+    fig.savefig(tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    with pytest.raises(InputError, match="images"):
+        toytown_grid(out, n=50)
