@@ -1,2 +1,197 @@
-def main(argv=None) -> int:
+"""The ``hias-nb`` command line (also ``python -m hias_nb``, so ``torchrun -m hias_nb`` works).
+
+Exit status: 0 on success, 2 on bad input with one line on stderr that names the file or the field.
+Stage commands take ``--config FILE.yaml`` plus any number of ``--key value`` overrides of that stage's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hias_nb.errors import InputError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit 2), as for every other kind of bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"{self.prog}: {message}")
+
+
+def _stage_parser(sub, name: str, help_text: str, config_cls) -> None:
+    import dataclasses
+
+    fields = ", ".join(f.name for f in dataclasses.fields(config_cls))
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=f"{help_text}\n\nConfig keys (--key value): {fields}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML config file; --key value overrides follow")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hias_nb.train import TrainConfig
+
+    parser = _Parser(prog="hias-nb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="the whole method on the embedded toytown benchmark")
+    demo.add_argument("--quick", action="store_true", help="the small version (tests, notebook smoke runs)")
+    demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo_quick)")
+    demo.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    demo.add_argument("--data-root", default="data/toytown", help="where toytown is (generated if absent)")
+    demo.add_argument("--seed", type=int, default=0)
+
+    data = sub.add_parser("data", help="generate or check datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    gen = dsub.add_parser("generate", help="write the embedded benchmark as PNG files plus a manifest")
+    gen.add_argument("name", choices=["toytown"])
+    gen.add_argument("--out", required=True)
+    gen.add_argument("--images", type=int, default=1000, help="target-train images (other splits scale with it)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    chk = dsub.add_parser("check", help="check a dataset on disk against its description in data_manifests/")
+    chk.add_argument("name")
+    chk.add_argument("--root", required=True)
+    chk.add_argument("--split", action="append", default=None, help="only this split (repeatable)")
+
+    _stage_parser(sub, "train-source", "source-only (or oracle) training", TrainConfig)
+
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint (hias_nb's own or the published layout)")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--dataset", default="toytown")
+    ev.add_argument("--data-root", default="data/toytown")
+    ev.add_argument("--split", default=None, help="default: target_val for toytown, val otherwise")
+    ev.add_argument("--backbone", default=None, help="default: from the checkpoint, else resnet101")
+    ev.add_argument("--aspp-rates", type=int, nargs="+", default=None)
+    ev.add_argument("--resize", type=int, nargs=2, default=None, metavar=("H", "W"))
+    ev.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="base evaluation size")
+    ev.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    ev.add_argument("--flip", action="store_true")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", default=None, help="write a report.json here")
+    ev.add_argument("--name", default="evaluate", help="stage name in the report")
+    return parser
+
+
+def _cmd_data(args) -> int:
+    if args.data_command == "generate":
+        from hias_nb.data.toytown import generate_toytown
+
+        kwargs = {"size": tuple(args.size)} if args.size else {}
+        manifest = generate_toytown(args.out, images=args.images, seed=args.seed, **kwargs)
+        print(f"toytown written to {args.out}: {manifest['counts']} at {manifest['size'][0]}x{manifest['size'][1]}")
+        return 0
+    from hias_nb.data import check_dataset, format_problems
+
+    problems = check_dataset(args.name, args.root, splits=args.split)
+    if problems:
+        print(format_problems(problems), file=sys.stderr)
+        raise InputError(f"{args.root}: {len(problems)} problem(s) found in {args.name}")
+    print(f"{args.root}: {args.name} OK")
     return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from hias_nb.data import SegDataset
+    from hias_nb.evaluate import evaluate, stage_entry, write_report
+    from hias_nb.models import DeepLabV2, checkpoint_meta, load_checkpoint
+    from hias_nb.runs import resolve_device
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        raise InputError(f"{ckpt}: checkpoint file not found")
+    split = args.split or ("target_val" if args.dataset == "toytown" else "val")
+    ds = SegDataset(args.dataset, args.data_root, split, size=tuple(args.resize) if args.resize else None)
+    meta = checkpoint_meta(ckpt)
+    backbone = args.backbone or meta.get("backbone", "resnet101")
+    rates = tuple(args.aspp_rates or meta.get("aspp_rates", (6, 12, 18, 24)))
+    if meta.get("num_classes") not in (None, ds.protocol.num_classes):
+        raise InputError(
+            f"{ckpt}: num_classes is {meta['num_classes']} but {args.dataset} ({ds.protocol.name}) "
+            f"has {ds.protocol.num_classes}"
+        )
+    device = resolve_device(args.device)
+    model = DeepLabV2(backbone, num_classes=ds.protocol.num_classes, aspp_rates=rates)
+    report = load_checkpoint(model, ckpt)
+    print(report)
+    model.to(device)
+    result = evaluate(
+        model,
+        ds,
+        ds.protocol,
+        device,
+        batch_size=args.batch_size,
+        scales=tuple(args.scales),
+        flip=args.flip,
+        size=tuple(args.size) if args.size else None,
+    )
+    print(result.table(args.name).round(2).to_string())
+    print(f"mIoU ({ds.protocol.name}, {len(ds)} images): {result.miou:.2f}")
+    if args.json:
+        write_report(
+            args.json,
+            ds.protocol,
+            [stage_entry(args.name, result)],
+            result.seconds,
+            {
+                "checkpoint": str(ckpt),
+                "dataset": args.dataset,
+                "split": split,
+                "backbone": backbone,
+                "scales": list(args.scales),
+                "flip": args.flip,
+            },
+        )
+    return 0
+
+
+def _cmd_stage(name: str, config: str | None, rest: list[str]) -> int:
+    from hias_nb.config import load_config, parse_overrides
+
+    overrides = parse_overrides(rest)
+    if name == "train-source":
+        from hias_nb.train import TrainConfig, train_source
+
+        path = train_source(load_config(TrainConfig, config, overrides))
+        print(f"model written to {path}")
+        return 0
+    raise InputError(f"{name}: not available yet")
+
+
+def _run(argv: list[str]) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command in ("train-source", "pseudo-label", "self-train"):
+        return _cmd_stage(args.command, args.config, rest)
+    if rest:
+        raise InputError(f"hias-nb {args.command}: unrecognised arguments: {' '.join(rest)}")
+    if args.command == "data":
+        return _cmd_data(args)
+    if args.command == "evaluate":
+        return _cmd_evaluate(args)
+    if args.command == "demo":
+        from hias_nb.demo import run_demo
+
+        run_demo(quick=args.quick, out=args.out, device=args.device, data_root=args.data_root, seed=args.seed)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _run(argv)
+    except InputError as e:
+        print(f"hias-nb: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hias-nb: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130

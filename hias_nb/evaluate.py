@@ -1,0 +1,171 @@
+"""Evaluation on a labelled split: confusion-matrix mIoU, per-class IoU, ``report.json`` (CONTRACT.md).
+
+Prediction (SPEC.md 6.4): the normalised image is resized (bilinear, align_corners=True) to each evaluation
+scale, the logits are upsampled back to the label size and their softmaxes summed over scales; ``flip`` adds the
+softmax of the mirrored image. With one scale of 1.0 and no flip this is a plain forward pass.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from hias_nb import __version__, augment, distributed
+from hias_nb.classes import Protocol
+from hias_nb.io import write_json
+from hias_nb.metrics import ConfusionMatrix, iou_per_class, iou_table, mean_iou
+
+__all__ = ["EvalResult", "predict_probs", "evaluate", "stage_entry", "write_report", "versions", "report_table"]
+
+
+@dataclass
+class EvalResult:
+    """A split's confusion matrix and what follows from it (IoU in percent, None for absent classes)."""
+
+    protocol: Protocol
+    matrix: np.ndarray
+    seconds: float
+
+    @property
+    def per_class(self) -> list[float | None]:
+        return iou_per_class(self.matrix)
+
+    @property
+    def miou(self) -> float:
+        return mean_iou(self.per_class, self.protocol.evaluated)
+
+    def table(self, name: str = "IoU") -> pd.DataFrame:
+        return iou_table({name: self.per_class}, self.protocol)
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    images: torch.Tensor,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Softmax summed over scales (and flips) for uint8-valued ``[B,3,H,W]`` images → ``[B,C,H,W]`` at the input size.
+
+    `size` (H, W) is the base evaluation size the scales multiply (default: the input size).
+    """
+    x = augment.normalize(images)
+    h, w = x.shape[-2:]
+    bh, bw = size if size is not None else (h, w)
+    total = None
+    for s in scales:
+        sh, sw = max(8, round(bh * s)), max(8, round(bw * s))
+        xs = x if (sh, sw) == (h, w) else F.interpolate(x, size=(sh, sw), mode="bilinear", align_corners=True)
+        for flipped in (False, True) if flip else (False,):
+            inp = xs.flip(-1) if flipped else xs
+            logits = model(inp).float()
+            if flipped:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=True)
+            p = logits.softmax(1)
+            total = p if total is None else total + p
+    return total / (len(scales) * (2 if flip else 1))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    protocol: Protocol,
+    device: str,
+    batch_size: int = 16,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
+    size: tuple[int, int] | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> EvalResult:
+    """Accumulate the confusion matrix of `model` over `dataset` (items with ``image`` and ``label``)."""
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(protocol.num_classes)
+    sampler = None
+    if distributed.world_size() > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=False, drop_last=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers
+    )
+    for batch in tqdm(
+        loader, desc=desc, disable=not (progress and distributed.is_main()), leave=False, dynamic_ncols=True
+    ):
+        images = batch["image"].to(device)
+        probs = predict_probs(model, images, scales, flip, size)
+        cm.update(probs.argmax(1), batch["label"].to(device))
+    matrix = torch.from_numpy(cm.matrix).to(device)
+    cm.matrix = distributed.all_reduce_sum(matrix).cpu().numpy()
+    model.train(was_training)
+    return EvalResult(protocol, cm.matrix, time.perf_counter() - t0)
+
+
+def stage_entry(name: str, result: EvalResult, **extra: Any) -> dict[str, Any]:
+    """One element of ``report["stages"]`` (CONTRACT.md): name, mIoU and per-class IoU in percent."""
+    per = result.per_class
+    entry = {
+        "name": name,
+        "miou": round(result.miou, 2),
+        "per_class": {
+            result.protocol.classes[c]: None if per[c] is None else round(per[c], 2) for c in result.protocol.evaluated
+        },
+    }
+    entry.update(extra)
+    return entry
+
+
+def versions() -> dict[str, str]:
+    import timm  # local: importing timm costs a second
+
+    return {
+        "hias_nb": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def write_report(
+    path: str | Path,
+    protocol: Protocol,
+    stages: list[dict[str, Any]],
+    wall_seconds: float,
+    config: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write ``report.json`` atomically in the CONTRACT.md layout and return it."""
+    report = {
+        "protocol": protocol.name,
+        "classes": [protocol.classes[c] for c in protocol.evaluated],
+        "stages": stages,
+        "wall_seconds": round(wall_seconds, 1),
+        "config": config,
+        "versions": versions(),
+    }
+    report.update(extra)
+    write_json(path, report)
+    return report
+
+
+def report_table(report: dict[str, Any]) -> pd.DataFrame:
+    """Per-class IoU table of a report: one row per class plus ``mIoU``, one column per stage."""
+    df = pd.DataFrame({s["name"]: pd.Series(s["per_class"], dtype=float) for s in report["stages"]})
+    df.loc["mIoU"] = [s["miou"] for s in report["stages"]]
+    return df
