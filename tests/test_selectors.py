@@ -1,0 +1,378 @@
+"""Tests for hias_nb.selectors against plain, slow implementations of SPEC.md 2.2-2.6 written out here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hias_nb.errors import InputError
+from hias_nb.selectors import (
+    CBST,
+    IAS,
+    ClassValues,
+    ConfidenceHistogram,
+    Constant,
+    NoThreshold,
+    confidence_histograms,
+    replay_ias,
+)
+
+# ------------------------------------------------------------------------------------------------------------
+# Slow references, written plainly from SPEC.md 2.2 (Python lists of float16 values, np.quantile, per pixel)
+
+
+def reference_ias_instance(theta, conf, pred, num_classes, alpha, beta, gamma):
+    """One IAS instance: returns (new theta float64 [C], labels like pred). conf float32, pred int arrays."""
+    conf16 = conf.astype(np.float16).ravel()
+    flat_pred = pred.ravel()
+    psi = np.zeros(num_classes, dtype=np.float32)
+    for c in range(num_classes):
+        samples = [theta[c]]
+        samples.extend(conf16[flat_pred == c])
+        psi[c] = np.quantile(samples, 1 - alpha * theta[c] ** gamma)
+    theta = beta * theta + (1 - beta) * psi
+    theta[theta >= 1] = 0.999
+    labels = np.empty(pred.size, dtype=np.int64)
+    for i, (q, p) in enumerate(zip(conf.ravel(), flat_pred, strict=True)):
+        labels[i] = p if q >= theta[p] else 255  # fp32 q against float64 theta, as numpy compares
+    return theta, labels.reshape(pred.shape)
+
+
+def reference_ias(conf, pred, num_classes, alpha, beta, gamma, init, instance, batch_size):
+    """Whole stream of images; returns (theta per instance [n, C], labels [N,H,W])."""
+    theta = np.full(num_classes, init, dtype=np.float64)
+    size = 1 if instance == "image" else batch_size
+    thetas, labels = [], []
+    for s in range(0, len(conf), size):
+        theta, lab = reference_ias_instance(
+            theta, conf[s : s + size], pred[s : s + size], num_classes, alpha, beta, gamma
+        )
+        thetas.append(theta.copy())
+        labels.append(lab)
+    return np.stack(thetas), np.concatenate(labels)
+
+
+def random_stream(seed, n_images, num_classes, h=6, w=10, absent=(1,)):
+    """Confidences mixing uniform values, exact float16 values and values that round to 1.0 in float16."""
+    rng = np.random.default_rng(seed)
+    shape = (n_images, h, w)
+    conf = rng.uniform(1.0 / num_classes, 1.0, shape).astype(np.float32)
+    exact = rng.random(shape) < 0.2
+    conf[exact] = rng.choice(np.float16([0.5, 0.75, 0.875, 0.9, 0.99]), exact.sum()).astype(np.float32)
+    near_one = rng.random(shape) < 0.25
+    conf[near_one] = (1.0 - rng.uniform(0, 2.4e-4, near_one.sum())).astype(np.float32)  # fp16 -> 1.0
+    present = [c for c in range(num_classes) if c not in absent]
+    pred = rng.choice(present, shape).astype(np.int64)
+    return conf, pred
+
+
+# ------------------------------------------------------------------------------------------------------------
+# IAS
+
+
+@pytest.mark.parametrize("instance", ["batch", "image"])
+@pytest.mark.parametrize(
+    ("seed", "num_classes", "alpha", "beta", "gamma", "init"),
+    [
+        (0, 3, 0.2, 0.9, 8.0, 0.9),
+        (1, 5, 0.5, 0.9, 8.0, 0.9),
+        (2, 2, 1.0, 0.5, 3.3, 0.9),
+        (3, 4, 0.5, 0.0, 8.0, 0.9),
+        (4, 6, 0.3, 0.2, 0.5, 0.9),
+        (5, 3, 0.5, 0.9, 8.0, 0.75),  # the old threshold ties with float16 samples of 0.75
+    ],
+)
+def test_ias_matches_reference_bit_for_bit(seed, num_classes, alpha, beta, gamma, init, instance):
+    conf, pred = random_stream(seed, 6, num_classes)
+    ref_theta, ref_labels = reference_ias(conf, pred, num_classes, alpha, beta, gamma, init, instance, 2)
+    ias = IAS(num_classes, alpha=alpha, beta=beta, gamma=gamma, init=init, instance=instance)
+    labels = [ias.update(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2])) for s in (0, 2, 4)]
+    assert torch.cat(labels).dtype == torch.int64
+    np.testing.assert_array_equal(torch.cat(labels).numpy(), ref_labels)
+    got = ias.history.pivot(index="instance", columns="class", values="threshold").to_numpy()
+    assert np.array_equal(got, ref_theta)  # exact, not approximate
+    assert np.array_equal(ias.thresholds.numpy(), ref_theta[-1])
+    assert ias.thresholds.dtype == torch.float64
+
+
+def test_ias_clip_path_near_one():
+    """Confidences that round to 1.0 in float16 push theta to >= 1 with beta=0: clipped to 0.999."""
+    conf = np.full((2, 4, 4), 0.99995, dtype=np.float32)  # float16(0.99995) == 1.0
+    conf[0, 0, 0] = 0.99899  # just below the clipped threshold: ignored
+    pred = np.zeros((2, 4, 4), dtype=np.int64)
+    ref_theta, ref_labels = reference_ias(conf, pred, 2, 0.2, 0.0, 8.0, 0.9, "batch", 2)
+    ias = IAS(2, beta=0.0)
+    labels = ias.update(torch.from_numpy(conf), torch.from_numpy(pred))
+    assert ias.thresholds[0].item() == 0.999 == ref_theta[-1, 0]
+    np.testing.assert_array_equal(labels.numpy(), ref_labels)
+    assert labels[0, 0, 0] == 255 and (labels.flatten()[1:] == 0).all()
+
+
+def test_ias_pixel_exactly_at_threshold_is_kept():
+    # beta=0 makes theta = float32(psi) exactly. 100 samples of 0.75 plus the old theta 0.9: the quantile at
+    # 1 - 0.2 * 0.9**8 = 0.957 has virtual index 100 * 0.957 = 95.7, between two 0.75s, so psi = 0.75.
+    conf = np.full((1, 10, 10), 0.75, dtype=np.float32)
+    conf[0, 0, 0] = np.nextafter(np.float32(0.75), np.float32(0))  # same float16 sample, but q < theta
+    pred = np.zeros((1, 10, 10), dtype=np.int64)
+    ias = IAS(1, alpha=0.2, beta=0.0, gamma=8.0)
+    labels = ias.update(torch.from_numpy(conf), torch.from_numpy(pred))
+    assert ias.thresholds[0].item() == 0.75
+    assert labels[0, 0, 0] == 255
+    assert (labels.flatten()[1:] == 0).all()
+
+
+def test_ias_hand_computed_example():
+    """C=3, one image, alpha=0.5, beta=0.5, gamma=1, init=0.9; class 2 never predicted.
+
+    level = 1 - 0.5 * 0.9 = 0.55 for every class.
+    class 0: S = {0.9} + {0.5, 0.75, 1.0, 1.0} -> sorted [0.5, 0.75, 0.9, 1.0, 1.0], n=5, h = 4*0.55 = 2.2:
+             between 0.9 and 1.0 at t=0.2 -> psi = 0.92; theta = 0.45 + 0.5*float32(0.92) ~ 0.91
+             -> keeps the two 1.0 pixels.
+    class 1: S = {0.9} + {0.625, 0.9375} -> [0.625, 0.9, 0.9375], n=3, h = 2*0.55 = 1.1:
+             between 0.9 and 0.9375 at t=0.1 -> psi = 0.90375; theta ~ 0.901875 -> keeps 0.9375 only.
+    class 2: S = {0.9} -> psi = float32(0.9) = 0.89999997615814208984375;
+             theta = 0.45 + 0.5*psi = 0.899999988079071044921875 (the float32 drift of an absent class).
+    """
+    conf = torch.tensor([[[0.5, 0.75, 1.0], [0.625, 0.9375, 1.0]]], dtype=torch.float32)
+    pred = torch.tensor([[[0, 0, 0], [1, 1, 0]]])
+    ias = IAS(3, alpha=0.5, beta=0.5, gamma=1.0, init=0.9)
+    labels = ias.update(conf, pred)
+    theta = ias.thresholds.numpy()
+    assert theta[0] == pytest.approx(0.45 + 0.5 * 0.92, abs=1e-7)
+    assert theta[1] == pytest.approx(0.45 + 0.5 * 0.90375, abs=1e-7)
+    assert theta[2] == 0.45 + 0.5 * float(np.float32(0.9)) == 0.899999988079071044921875
+    assert labels.tolist() == [[[255, 255, 0], [255, 1, 0]]]
+    hist = ias.history
+    assert list(hist.columns) == ["instance", "class", "threshold", "selected_pixels", "predicted_pixels"]
+    assert hist["instance"].tolist() == [0, 0, 0]
+    assert hist["class"].tolist() == [0, 1, 2]
+    assert hist["selected_pixels"].tolist() == [2, 1, 0]
+    assert hist["predicted_pixels"].tolist() == [4, 2, 0]
+    np.testing.assert_array_equal(hist["threshold"].to_numpy(), theta)
+
+
+def test_ias_history_accumulates_over_calls_and_images():
+    conf, pred = random_stream(7, 3, 4)
+    ias = IAS(4, instance="image")
+    ias.update(torch.from_numpy(conf[:2]), torch.from_numpy(pred[:2]))
+    ias.update(torch.from_numpy(conf[2:]), torch.from_numpy(pred[2:]))
+    hist = ias.history
+    assert len(hist) == 3 * 4
+    assert hist["instance"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    for i in range(3):
+        rows = hist[hist["instance"] == i]
+        np.testing.assert_array_equal(rows["predicted_pixels"], np.bincount(pred[i].ravel(), minlength=4))
+    assert IAS(3).history.empty
+
+
+def test_ias_keep_fraction_tracks_alpha_theta_gamma():
+    """SPEC 2.2: the realised keep fraction is about alpha * theta**gamma (beta=0: theta is the candidate)."""
+    g = torch.Generator().manual_seed(0)
+    conf = 0.5 + 0.5 * torch.rand(1, 256, 256, generator=g)
+    pred = torch.zeros(1, 256, 256, dtype=torch.int64)
+    for alpha, init in [(0.5, 0.9), (0.2, 0.98), (0.5, 0.84)]:
+        ias = IAS(1, alpha=alpha, beta=0.0, gamma=8.0, init=init)
+        kept = (ias.update(conf, pred) != 255).float().mean().item()
+        assert kept == pytest.approx(alpha * init**8, abs=0.003)
+
+
+def test_ias_input_validation():
+    ias = IAS(3)
+    conf = torch.full((1, 2, 2), 0.5)
+    pred = torch.zeros(1, 2, 2, dtype=torch.int64)
+    with pytest.raises(InputError, match="same shape"):
+        ias.update(conf, pred[:, :1])
+    with pytest.raises(InputError, match="float32"):
+        ias.update(conf.double(), pred)
+    with pytest.raises(InputError, match="integer"):
+        ias.update(conf, pred.float())
+    with pytest.raises(InputError, match="class 3"):
+        ias.update(conf, pred + 3)
+    with pytest.raises(InputError, match="class 255"):
+        ias.update(conf, torch.full((1, 2, 2), 255))
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        ias.update(conf * 3, pred)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        ias.update(torch.full((1, 2, 2), float("nan")), pred)
+    with pytest.raises(InputError, match="instance"):
+        IAS(3, instance="pixel")
+    with pytest.raises(InputError, match="alpha"):
+        IAS(3, alpha=1.5)
+    assert ias.history.empty  # nothing was recorded by failed calls
+    labels = ias.update(conf, pred.int())  # other integer dtypes are accepted
+    assert labels.dtype == torch.int64
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CBST, Constant, NoThreshold
+
+
+def test_cbst_matches_quantile_of_all_observed_values():
+    rng = np.random.default_rng(3)
+    cbst = CBST(4, p=0.2)
+    seen = {c: [] for c in range(4)}
+    for _ in range(3):
+        conf, pred = random_stream(int(rng.integers(1000)), 2, 4, absent=(2,))
+        cbst.observe(torch.from_numpy(conf), torch.from_numpy(pred))
+        for c in range(4):
+            seen[c].append(conf[pred == c].astype(np.float16))
+    theta = cbst.thresholds.numpy()
+    for c in range(4):
+        values = np.concatenate(seen[c]).astype(np.float64)
+        expected = np.quantile(values, 1 - 0.2) if len(values) else 1.0
+        assert theta[c] == expected
+    assert theta[2] == 1.0  # never predicted: 1.0, no crash (B13)
+    conf, pred = random_stream(9, 2, 4)
+    labels = cbst.select(torch.from_numpy(conf), torch.from_numpy(pred)).numpy()
+    np.testing.assert_array_equal(labels, np.where(conf.astype(np.float64) >= theta[pred], pred, 255))
+
+
+def test_cbst_without_observations_and_after_more_data():
+    cbst = CBST(2)
+    assert cbst.thresholds.tolist() == [1.0, 1.0]
+    cbst.observe(torch.tensor([[[0.5, 0.75]]]), torch.tensor([[[0, 0]]]))
+    assert cbst.thresholds[0].item() == 0.5 + 0.8 * 0.25  # linear between the two values
+    cbst.observe(torch.tensor([[[1.0]]]), torch.tensor([[[0]]]))
+    assert cbst.thresholds[0].item() == np.quantile([0.5, 0.75, 1.0], 0.8)
+
+
+def test_constant_compares_float32_against_float64_threshold():
+    # float32(0.9) = 0.89999998 < 0.9: ignored; the next float32 is >= 0.9: kept; 0.5 exactly at 0.5: kept.
+    below = np.float32(0.9)
+    above = np.nextafter(below, np.float32(1))
+    conf = torch.tensor([[[below, above]]], dtype=torch.float32)
+    pred = torch.tensor([[[0, 1]]])
+    assert Constant(2).select(conf, pred).tolist() == [[[255, 1]]]
+    assert Constant(2, threshold=0.5).select(torch.tensor([[[0.5, 0.4999]]]), pred).tolist() == [[[0, 255]]]
+    assert Constant(2).thresholds.tolist() == [0.9, 0.9]
+
+
+def test_no_threshold_keeps_argmax():
+    conf, pred = random_stream(5, 2, 3)
+    labels = NoThreshold(3).select(torch.from_numpy(conf), torch.from_numpy(pred))
+    np.testing.assert_array_equal(labels.numpy(), pred)
+    assert NoThreshold(3).thresholds.tolist() == [0.0, 0.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Class values
+
+
+def test_class_values_hand_computed():
+    cv = ClassValues(3, gamma=0.5)
+    conf = torch.tensor([[[0.5, 0.75, 1.0, 0.25]]])
+    cv.update(conf, torch.tensor([[[0, 0, 1, 255]]]))
+    assert cv.values.tolist() == [0.625, 1.0, 0.0]  # first time: set; class 2 never selected: 0
+    cv.update(torch.tensor([[[0.25, 0.5, 0.9]]]), torch.tensor([[[0, 255, 255]]]))
+    assert cv.values.tolist() == [0.5 * 0.625 + 0.5 * 0.25, 1.0, 0.0]  # class 1 absent: skipped
+    with pytest.raises(InputError, match="labels"):
+        cv.update(conf, torch.tensor([[[0, 0, 7, 255]]]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Histograms and replay
+
+
+def record_stream(conf, pred, batch_size):
+    parts = [
+        pd.DataFrame(
+            confidence_histograms(
+                torch.from_numpy(conf[s : s + batch_size]), torch.from_numpy(pred[s : s + batch_size]), first_image=s
+            )
+        )
+        for s in range(0, len(conf), batch_size)
+    ]
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_confidence_histograms_rows():
+    conf = torch.tensor([[[0.5, 0.5, 1.0]], [[0.75, 0.99995, 0.2]]])
+    pred = torch.tensor([[[1, 1, 0]], [[1, 0, 0]]])
+    rows = confidence_histograms(conf, pred, first_image=10)
+    code = lambda x: int(np.float16(x).view(np.int16))  # noqa: E731
+    got = list(zip(*(rows[k].tolist() for k in ("image", "class", "code", "count")), strict=True))
+    assert got == [
+        (10, 0, code(1.0), 1),
+        (10, 1, code(0.5), 2),
+        (11, 0, code(0.2), 1),
+        (11, 0, code(1.0), 1),
+        (11, 1, code(0.75), 1),
+    ]
+
+
+@pytest.mark.parametrize("instance", ["batch", "image"])
+@pytest.mark.parametrize(
+    ("seed", "num_classes", "alpha", "beta", "gamma"), [(0, 4, 0.5, 0.9, 8.0), (1, 3, 0.3, 0.2, 2.0)]
+)
+def test_replay_equals_ias(seed, num_classes, alpha, beta, gamma, instance):
+    conf, pred = random_stream(seed, 7, num_classes)  # 7 images: the last 2-image group has one image
+    ias = IAS(num_classes, alpha=alpha, beta=beta, gamma=gamma, instance=instance)
+    for s in range(0, 7, 2):
+        ias.update(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2]))
+    hist = ias.history
+    rows = record_stream(conf, pred, batch_size=3)  # recording batches need not match the instance groups
+    thresholds, selected = replay_ias(rows, num_classes, alpha, beta, gamma, instance=instance, batch_size=2)
+    expected = hist.pivot(index="instance", columns="class", values="threshold").to_numpy()
+    assert np.array_equal(thresholds, expected)
+    # selected: float16 resolution, counted directly
+    size = 1 if instance == "image" else 2
+    for i, s in enumerate(range(0, 7, size)):
+        q16 = conf[s : s + size].astype(np.float16).astype(np.float64)
+        p = pred[s : s + size]
+        direct = [int(((p == c) & (q16 >= thresholds[i, c])).sum()) for c in range(num_classes)]
+        assert selected[i].tolist() == direct
+    fp32_selected = hist.pivot(index="instance", columns="class", values="selected_pixels").to_numpy()
+    assert np.abs(selected - fp32_selected).sum() <= 0.05 * fp32_selected.sum() + 2
+
+
+def test_replay_prepared_histogram_parquet_and_names(tmp_path):
+    conf, pred = random_stream(11, 5, 3)
+    rows = record_stream(conf, pred, batch_size=2)
+    rows["image"] = [f"img_{i:03d}" for i in rows["image"]]  # the generator stores names, in visiting order
+    rows = rows.sample(frac=1.0, random_state=0).sort_values("image", kind="stable")  # shuffled within images
+    rows.to_parquet(tmp_path / "h.parquet", index=False)
+    table = ConfidenceHistogram(pd.read_parquet(tmp_path / "h.parquet"), 3)
+    assert table.num_images == 5
+    ias = IAS(3, alpha=0.4, instance="batch")
+    for s in range(0, 5, 2):
+        ias.update(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2]))
+    expected = ias.history.pivot(index="instance", columns="class", values="threshold").to_numpy()
+    for _ in range(2):  # second call reuses the cached grouping
+        thresholds, _ = replay_ias(table, 3, alpha=0.4, beta=0.9, gamma=8.0)
+        assert np.array_equal(thresholds, expected)
+    with pytest.raises(InputError, match="num_classes"):
+        replay_ias(table, 4, alpha=0.4, beta=0.9, gamma=8.0)
+    with pytest.raises(InputError, match="column"):
+        replay_ias({"image": [0]}, 3, alpha=0.4, beta=0.9, gamma=8.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ias_on_cuda_equals_cpu():
+    conf, pred = random_stream(2, 4, 5)
+    out = []
+    for device in ("cpu", "cuda"):
+        ias = IAS(5, alpha=0.5, instance="image")
+        labels = ias.update(torch.from_numpy(conf).to(device), torch.from_numpy(pred).to(device))
+        assert labels.device.type == device
+        out.append((labels.cpu().numpy(), ias.thresholds.numpy()))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    assert np.array_equal(out[0][1], out[1][1])
+
+
+def test_ias_long_stream_matches_reference():
+    """80 images, thresholds evolving over 40 two-image instances; a fresh IAS per mode."""
+    conf, pred = random_stream(21, 80, 7, h=4, w=6, absent=(0, 5))
+    for instance in ("batch", "image"):
+        ref_theta, ref_labels = reference_ias(conf, pred, 7, 0.5, 0.7, 8.0, 0.9, instance, 2)
+        ias = IAS(7, alpha=0.5, beta=0.7, instance=instance)
+        labels = torch.cat(
+            [ias.update(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2])) for s in range(0, 80, 2)]
+        )
+        np.testing.assert_array_equal(labels.numpy(), ref_labels)
+        got = ias.history.pivot(index="instance", columns="class", values="threshold").to_numpy()
+        assert np.array_equal(got, ref_theta)
+        rows = record_stream(conf, pred, batch_size=4)
+        assert np.array_equal(replay_ias(rows, 7, 0.5, 0.7, 8.0, instance=instance)[0], ref_theta)
