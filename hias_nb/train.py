@@ -72,6 +72,7 @@ class TrainConfig:
     crop_ratio: float = 2.0  # crop width / height
     photometric: float = 1.0  # strength of source photometric augmentation; 0 disables it
     checkpoint_every: int = 100
+    stop_after: int | None = None  # leave a resumable state after this many iterations (wall-time-limited jobs)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda[:N]
     amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 with a scaler); ignored on CPU
@@ -195,6 +196,7 @@ def train_source(cfg: TrainConfig) -> Path:
     if distributed.is_main():
         print(describe_init(model))
     opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]  # before a resumed state overwrites them
     scaler = torch.amp.GradScaler("cuda", enabled=_needs_scaler(device, cfg.amp))
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
 
@@ -211,7 +213,6 @@ def train_source(cfg: TrainConfig) -> Path:
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model))
-    base_lrs = [g["lr"] for g in opt.param_groups]
 
     loader = _loader(ds, cfg.batch_size // world, cfg.seed, start * cfg.batch_size, cfg.num_workers, device)
     image_hw = tuple(ds[0]["image"].shape[-2:])
@@ -229,7 +230,8 @@ def train_source(cfg: TrainConfig) -> Path:
     )
     t0 = time.perf_counter()
     batches = iter(loader)
-    for it in range(start, cfg.iterations):
+    stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
+    for it in range(start, stop):
         batch = next(batches)
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
@@ -261,7 +263,7 @@ def train_source(cfg: TrainConfig) -> Path:
                     "seconds": round(time.perf_counter() - t0, 2),
                 }
             )
-        if distributed.is_main() and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
+        if distributed.is_main() and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 in (stop, cfg.iterations)):
             save_state(
                 out / "state.pt",
                 {
@@ -273,6 +275,9 @@ def train_source(cfg: TrainConfig) -> Path:
                 },
             )
     bar.close()
+    if stop < cfg.iterations:
+        print(f"{out / 'state.pt'}: stopped at iteration {stop}/{cfg.iterations}; re-run to resume")
+        return out / "state.pt"
     if distributed.is_main():
         meta = {
             "backbone": cfg.backbone,
