@@ -117,6 +117,21 @@ def _fp16_codes(conf: torch.Tensor) -> torch.Tensor:
     return codes.clamp_(min=0)  # -0.0 (bit pattern 0x8000, negative as int16) is the value 0
 
 
+def _histogram(key: torch.Tensor, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse histogram of int64 keys in [0, size): (distinct keys ascending, their counts), numpy int64.
+
+    Counted on the keys' device; on the CPU with numpy, whose single-threaded bincount stays fast on a busy
+    machine (torch's threaded bincount/nonzero over ~3e5 bins can be 100x slower there).
+    """
+    if key.device.type == "cpu":
+        hist = np.bincount(key.numpy(), minlength=size)
+        nz = np.flatnonzero(hist)
+        return nz, hist[nz]
+    hist = torch.bincount(key, minlength=size)
+    nz = torch.nonzero(hist).squeeze(1)
+    return nz.cpu().numpy(), hist[nz].cpu().numpy()
+
+
 class _SortedSamples:
     """Float16 samples of several segments in sorted order, as sparse (code, count) rows.
 
@@ -126,9 +141,9 @@ class _SortedSamples:
 
     def __init__(self, key: np.ndarray, count: np.ndarray, num_segments: int):
         self.key = key
-        self.code = key % NUM_CODES
-        self.cum = np.cumsum(count)
-        self.cum0 = np.concatenate([[0], self.cum])
+        self.cum0 = np.zeros(len(count) + 1, dtype=np.int64)
+        np.cumsum(count, out=self.cum0[1:])
+        self.cum = self.cum0[1:]  # inclusive cumulative counts
         bounds = np.searchsorted(key, np.arange(num_segments + 1, dtype=np.int64) * NUM_CODES, side="left")
         self.before = self.cum0[bounds[:-1]]  # samples in earlier segments
         self.count = self.cum0[bounds[1:]] - self.before  # samples in each segment
@@ -137,9 +152,7 @@ class _SortedSamples:
     def from_pixels(cls, conf: torch.Tensor, pred: torch.Tensor, num_classes: int) -> _SortedSamples:
         """One instance; segment = class. The histogram is built on the tensors' device."""
         key = pred.reshape(-1) * NUM_CODES + _fp16_codes(conf.reshape(-1))
-        hist = torch.bincount(key, minlength=num_classes * NUM_CODES)
-        nz = torch.nonzero(hist).squeeze(1)
-        return cls(nz.cpu().numpy(), hist[nz].cpu().numpy(), num_classes)
+        return cls(*_histogram(key, num_classes * NUM_CODES), num_classes)
 
     def rank_below(self, segs: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Number of samples of each segment strictly smaller than the matching float64 value."""
@@ -152,7 +165,7 @@ class _SortedSamples:
         k = np.clip(k, 0, np.maximum(self.count[segs] - 1, 0))
         row = np.searchsorted(self.cum, self.before[segs] + k, side="right")
         row = np.minimum(row, max(len(self.cum) - 1, 0))
-        return _CODE_VALUES[self.code[row]] if len(self.cum) else np.zeros(len(segs))
+        return _CODE_VALUES[self.key[row] % NUM_CODES] if len(self.cum) else np.zeros(len(segs))
 
 
 def _linear_quantile(level: np.ndarray, n: np.ndarray, order_stat: Callable[[np.ndarray], np.ndarray]):
@@ -264,8 +277,11 @@ class IAS:
             samples = _SortedSamples.from_pixels(conf[part], pred[part], self.num_classes)
             self._theta = _ias_step(self._theta, samples, classes, self.alpha, self.beta, self.gamma)
             labels[part] = _select(conf[part], pred[part], self._theta)
-            selected = torch.bincount(labels[part].reshape(-1), minlength=IGNORE + 1)[: self.num_classes]
-            self._records.append((self._theta.copy(), selected.cpu().numpy(), samples.count.copy()))
+            label_ids, label_counts = _histogram(labels[part].reshape(-1), IGNORE + 1)
+            selected = np.zeros(self.num_classes, dtype=np.int64)
+            is_class = label_ids < self.num_classes  # drop the 255 bin
+            selected[label_ids[is_class]] = label_counts[is_class]
+            self._records.append((self._theta.copy(), selected, samples.count.copy()))
         return labels
 
     @property
@@ -300,30 +316,28 @@ class CBST:
     def __init__(self, num_classes: int, p: float = 0.2):
         self.num_classes = _check_num_classes(num_classes, "CBST")
         self.p = _check_unit(p, "p", "CBST")
-        self._hist: torch.Tensor | None = None  # int64 [C * NUM_CODES], on the first batch's device
+        self._hist = np.zeros(num_classes * NUM_CODES, dtype=np.int64)  # counts per (class, float16 code)
         self._theta: np.ndarray | None = None
 
     def observe(self, conf: torch.Tensor, pred: torch.Tensor) -> None:
         """Add a batch's float16-rounded confidences to the per-class histograms."""
         conf, pred = _check_inputs(conf, pred, self.num_classes, "CBST.observe")
         key = pred.reshape(-1) * NUM_CODES + _fp16_codes(conf.reshape(-1))
-        hist = torch.bincount(key, minlength=self.num_classes * NUM_CODES)
-        self._hist = hist if self._hist is None else self._hist + hist.to(self._hist.device)
+        nz, count = _histogram(key, self.num_classes * NUM_CODES)
+        self._hist[nz] += count
         self._theta = None
 
     @property
     def thresholds(self) -> torch.Tensor:
         """float64 `[C]`: per class the ``1 - p`` quantile of everything observed (1.0 if never predicted)."""
         if self._theta is None:
-            self._theta = np.ones(self.num_classes, dtype=np.float64)
-            if self._hist is not None:
-                nz = torch.nonzero(self._hist).squeeze(1)
-                samples = _SortedSamples(nz.cpu().numpy(), self._hist[nz].cpu().numpy(), self.num_classes)
-                classes = np.arange(self.num_classes)
-                n = samples.count
-                level = np.full(self.num_classes, 1.0 - self.p)
-                q = _linear_quantile(level, np.maximum(n, 1), lambda j: samples.kth(classes, j))
-                self._theta = np.where(n > 0, q, 1.0)
+            nz = np.flatnonzero(self._hist)
+            samples = _SortedSamples(nz, self._hist[nz], self.num_classes)
+            classes = np.arange(self.num_classes)
+            n = samples.count
+            level = np.full(self.num_classes, 1.0 - self.p)
+            q = _linear_quantile(level, np.maximum(n, 1), lambda j: samples.kth(classes, j))
+            self._theta = np.where(n > 0, q, 1.0)  # never predicted: 1.0
         return torch.from_numpy(self._theta.copy())
 
     def select(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -422,10 +436,7 @@ def confidence_histograms(conf: torch.Tensor, pred: torch.Tensor, first_image: i
     out: dict[str, list[np.ndarray]] = {"image": [], "class": [], "code": [], "count": []}
     for b in range(conf.shape[0]):  # one bincount per image: bins grow with C, not with the batch
         key = pred[b].reshape(-1) * NUM_CODES + _fp16_codes(conf[b].reshape(-1))
-        hist = torch.bincount(key, minlength=num_classes * NUM_CODES)
-        nz = torch.nonzero(hist).squeeze(1)
-        cnt = hist[nz].cpu().numpy()
-        nz = nz.cpu().numpy()
+        nz, cnt = _histogram(key, num_classes * NUM_CODES)
         out["image"].append(np.full(len(nz), first_image + b, dtype=np.int32))
         out["class"].append((nz // NUM_CODES).astype(np.int16))
         out["code"].append((nz % NUM_CODES).astype(np.int16))
@@ -447,41 +458,58 @@ class ConfidenceHistogram:
         missing = [c for c in ("image", "class", "code", "count") if c not in rows]
         if missing:
             raise InputError(f"histogram rows: missing column(s) {missing}; expected image, class, code, count")
-        position, names = pd.factorize(np.asarray(rows["image"]))
-        cls = np.asarray(rows["class"]).astype(np.int64)
-        code = np.asarray(rows["code"]).astype(np.int64)
-        count = np.asarray(rows["count"]).astype(np.int64)
+        image, cls, code = np.asarray(rows["image"]), np.asarray(rows["class"]), np.asarray(rows["code"])
+        count = np.asarray(rows["count"])
         if len(cls) and (cls.min() < 0 or cls.max() >= num_classes):
             raise InputError(f"histogram rows: class ids must be in 0..{num_classes - 1}")
         if len(code) and (code.min() < 0 or code.max() >= NUM_CODES):
             raise InputError(f"histogram rows: code must be a float16 bit pattern in 0..{NUM_CODES - 1}")
         if len(count) and count.min() <= 0:
             raise InputError("histogram rows: count must be positive")
-        self.images = names  # recorded order
-        key = (position.astype(np.int64) * num_classes + cls) * NUM_CODES + code
-        if np.any(np.diff(key) < 0):
+        position, self.images = _image_positions(image)  # images in recorded order
+        # key = (position * C + class) * NUM_CODES + code, built in place in one int64 array
+        key = position
+        key *= num_classes
+        key += cls
+        key *= NUM_CODES
+        key += code
+        if len(key) > 1 and np.any(key[1:] < key[:-1]):
             order = np.argsort(key, kind="stable")
-            position, cls, code, count = position[order], cls[order], code[order], count[order]
-        self._position, self._class, self._code, self._count = position, cls, code, count
-        self._cache: dict[tuple[str, int], tuple[_SortedSamples, int]] = {}
+            key, count = key[order], count[order]
+        self._key, self._count = key, count
+        self._cache: dict[int, tuple[_SortedSamples, int]] = {}
 
     @property
     def num_images(self) -> int:
         return len(self.images)
 
     def instances(self, instance: Instance, batch_size: int) -> tuple[_SortedSamples, int]:
-        """Samples with segment = instance * C + class, and the number of instances (cached)."""
+        """Samples with segment = instance * C + class, and the number of instances (cached per group size)."""
         size = 1 if instance == "image" else batch_size
-        if (instance, size) not in self._cache:
-            inst = self._position // size
-            key = (inst * self.num_classes + self._class) * NUM_CODES + self._code
-            count = self._count
-            if size > 1:  # merge the images of a group: their rows are sorted runs, stable sort is fast
+        if size not in self._cache:
+            key, count = self._key, self._count
+            if size > 1:  # group images; a group's rows are sorted runs, which a stable sort merges quickly
+                per_image = self.num_classes * NUM_CODES
+                key = key // per_image // size * per_image + key % per_image
                 order = np.argsort(key, kind="stable")
                 key, count = key[order], count[order]
             n = -(-self.num_images // size)
-            self._cache[(instance, size)] = (_SortedSamples(key, count, n * self.num_classes), n)
-        return self._cache[(instance, size)]
+            self._cache[size] = (_SortedSamples(key, count, n * self.num_classes), n)
+        return self._cache[size]
+
+
+def _image_positions(image: np.ndarray) -> tuple[np.ndarray, pd.Index]:
+    """Position of each row's image in the order of first appearance (int64), and the images in that order."""
+    if len(image) == 0:
+        return np.zeros(0, dtype=np.int64), pd.Index([])
+    starts = np.flatnonzero(image[1:] != image[:-1]) + 1
+    heads = image[np.concatenate([[0], starts])]
+    _, names = pd.factorize(heads)
+    if len(names) == len(heads):  # each image's rows are contiguous (as appended batch by batch)
+        lengths = np.diff(np.concatenate([[0], starts, [len(image)]]))
+        return np.repeat(np.arange(len(heads), dtype=np.int64), lengths), pd.Index(names)
+    position, names = pd.factorize(image)
+    return position.astype(np.int64), pd.Index(names)
 
 
 def replay_ias(

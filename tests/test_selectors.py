@@ -15,6 +15,8 @@ from hias_nb.selectors import (
     ConfidenceHistogram,
     Constant,
     NoThreshold,
+    _linear_quantile,
+    _SortedSamples,
     confidence_histograms,
     replay_ias,
 )
@@ -342,8 +344,14 @@ def test_replay_prepared_histogram_parquet_and_names(tmp_path):
     for _ in range(2):  # second call reuses the cached grouping
         thresholds, _ = replay_ias(table, 3, alpha=0.4, beta=0.9, gamma=8.0)
         assert np.array_equal(thresholds, expected)
+    # rows of one image need not be contiguous: the first appearance fixes each image's place in the order
+    moved = rows[rows["image"] == "img_000"].iloc[:3]
+    interleaved = pd.concat([rows.drop(moved.index), moved], ignore_index=True)
+    assert np.array_equal(replay_ias(interleaved, 3, alpha=0.4, beta=0.9, gamma=8.0)[0], expected)
     with pytest.raises(InputError, match="num_classes"):
         replay_ias(table, 4, alpha=0.4, beta=0.9, gamma=8.0)
+    with pytest.raises(InputError, match="batch_size"):
+        replay_ias(table, 3, alpha=0.4, beta=0.9, gamma=8.0, batch_size=0)
     with pytest.raises(InputError, match="column"):
         replay_ias({"image": [0]}, 3, alpha=0.4, beta=0.9, gamma=8.0)
 
@@ -376,3 +384,42 @@ def test_ias_long_stream_matches_reference():
         assert np.array_equal(got, ref_theta)
         rows = record_stream(conf, pred, batch_size=4)
         assert np.array_equal(replay_ias(rows, 7, 0.5, 0.7, 8.0, instance=instance)[0], ref_theta)
+
+
+def test_ias_interpolation_next_to_the_old_threshold():
+    """Tiny instances often interpolate between the inserted old threshold and a float16 sample."""
+    rng = np.random.default_rng(5)
+    conf = rng.uniform(0.8, 1.0, (300, 1, 3)).astype(np.float32)
+    pred = rng.integers(0, 2, (300, 1, 3))
+    ref_theta, _ = reference_ias(conf, pred, 2, 0.2, 0.5, 8.0, 0.9, "image", 1)
+    ias = IAS(2, alpha=0.2, beta=0.5, gamma=8.0, instance="image")
+    ias.update(torch.from_numpy(conf), torch.from_numpy(pred))
+    got = ias.history.pivot(index="instance", columns="class", values="threshold").to_numpy()
+    assert np.array_equal(got, ref_theta)
+
+
+def test_linear_quantile_helper_is_numpy_arithmetic():
+    """The vectorised quantile repeats np.quantile's arithmetic exactly, also where its two-sided lerp
+    (``b - (b - a) * (1 - t)`` for ``t >= 0.5``) rounds differently from ``a + (b - a) * t``
+    (arbitrary float64 values; in IAS the float32 candidate hides that last-ulp difference)."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        values = [np.sort(rng.uniform(0, 1, rng.integers(1, 6))) for _ in range(8)]
+        level = rng.uniform(0, 1, 8)
+        n = np.array([len(v) for v in values])
+        got = _linear_quantile(level, n, lambda j, vs=values: np.array([v[k] for v, k in zip(vs, j, strict=True)]))
+        expected = [np.quantile(v, q) for v, q in zip(values, level, strict=True)]
+        assert np.array_equal(got, expected)
+
+
+def test_sorted_samples_rank_and_order_statistics():
+    # class 0: [0.5, 0.5, 0.75], class 1: none, class 2: [1.0]
+    codes = {x: int(np.float16(x).view(np.int16)) for x in (0.5, 0.75, 1.0)}
+    key = np.array([codes[0.5], codes[0.75], 2 * 15361 + codes[1.0]])
+    samples = _SortedSamples(key, np.array([2, 1, 1]), 3)
+    classes = np.arange(3)
+    assert samples.count.tolist() == [3, 0, 1]
+    assert samples.rank_below(classes, np.array([0.75, 0.9, 1.0])).tolist() == [2, 0, 0]
+    assert samples.rank_below(classes, np.array([0.5, 0.9, 1.5])).tolist() == [0, 0, 1]
+    assert samples.kth(np.zeros(3, dtype=np.int64), np.array([0, 1, 2])).tolist() == [0.5, 0.5, 0.75]
+    assert samples.kth(np.array([2]), np.array([0])).tolist() == [1.0]
