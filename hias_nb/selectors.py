@@ -59,8 +59,8 @@ Instance = Literal["batch", "image"]
 
 def _check_inputs(conf, pred, num_classes: int | None, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (conf float32, pred int64) tensors `[B,H,W]` or raise InputError naming what is wrong."""
-    conf = torch.as_tensor(conf)
-    pred = torch.as_tensor(pred)
+    conf = torch.as_tensor(conf).detach()  # selection is never differentiated
+    pred = torch.as_tensor(pred).detach()
     if conf.dtype != torch.float32:
         raise InputError(f"{where}: conf must be float32 (max softmax probability), got {conf.dtype}")
     if pred.dtype.is_floating_point or pred.dtype.is_complex or pred.dtype == torch.bool:
@@ -94,10 +94,10 @@ def _check_num_classes(num_classes: int, who: str) -> int:
     return num_classes
 
 
-def _check_unit(value: float, name: str, who: str, high_open: bool = False) -> float:
+def _check_unit(value: float, name: str, who: str) -> float:
     value = float(value)
-    if not (0.0 <= value < 1.0 if high_open else 0.0 <= value <= 1.0):
-        raise InputError(f"{who} {name}={value!r}: must be in [0, 1{')' if high_open else ']'}")
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f"{who} {name}={value!r}: must be in [0, 1]")
     return value
 
 
@@ -398,7 +398,7 @@ class ClassValues:
 
     def update(self, conf: torch.Tensor, labels: torch.Tensor) -> None:
         """`conf` float32 `[B,H,W]`, `labels` int `[B,H,W]` in 0..C-1 or 255."""
-        conf, labels = torch.as_tensor(conf), torch.as_tensor(labels)
+        conf, labels = torch.as_tensor(conf).detach(), torch.as_tensor(labels).detach()
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise InputError(f"ClassValues.update: labels must be an integer tensor, got {labels.dtype}")
         if conf.shape != labels.shape or conf.device != labels.device:
