@@ -13,7 +13,7 @@ from hias_nb.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, colorize
 from hias_nb.errors import InputError
 from hias_nb.io import read_label, read_rgb
 
-__all__ = ["overlay", "toytown_grid"]
+__all__ = ["overlay", "toytown_grid", "stage_iou_bars"]
 
 
 def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5, palette: np.ndarray = CITYSCAPES_PALETTE):
@@ -55,4 +55,28 @@ def toytown_grid(root: str | os.PathLike, n: int = 4, split: str = "train") -> F
     handles = [Patch(facecolor=CITYSCAPES_PALETTE[k] / 255.0, label=name) for k, name in enumerate(CITYSCAPES_CLASSES)]
     fig.legend(handles=handles, loc="outside lower center", ncol=7, fontsize=7, frameon=False)
     fig.suptitle(f"toytown samples ({root.name}, {split})", fontsize=10)
+    return fig
+
+
+def stage_iou_bars(report: dict, stages: list[str] | None = None) -> Figure:
+    """Grouped bars of per-class IoU, one bar per stage of a ``report.json`` (CONTRACT.md), mIoU in the legend.
+
+    Bars of a class absent from both prediction and ground truth (IoU ``None``) are left empty.
+    """
+    entries = [s for s in report["stages"] if stages is None or s["name"] in stages]
+    classes = report["classes"]
+    fig = Figure(figsize=(max(8, 0.55 * len(classes)), 4.2))
+    ax = fig.subplots()
+    width = 0.8 / max(len(entries), 1)
+    x = np.arange(len(classes))
+    for i, s in enumerate(entries):
+        vals = [np.nan if s["per_class"][c] is None else s["per_class"][c] for c in classes]
+        ax.bar(x + (i - (len(entries) - 1) / 2) * width, vals, width, label=f"{s['name']} ({s['miou']:.1f})")
+    ax.set_xticks(x, classes, rotation=60, ha="right")
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Per-class IoU on the target validation split ({report['protocol']}); mIoU in brackets")
+    ax.legend(fontsize=8, ncols=min(len(entries), 4), loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
     return fig

@@ -1,0 +1,244 @@
+"""Pseudo-label generation (SPEC.md section 2): run a model G over the target train set, select confident pixels
+with a threshold policy, write label PNGs and the statistics HPLA and the notebooks read.
+
+Outputs, all in one folder that appears atomically when generation completes (a temporary sibling is renamed
+into place; a re-run finds the finished folder and resumes nothing twice, a different config is refused, never
+appended or mixed — SPEC B16):
+
+- ``labels/<name>.png``: uint8, class id 0..C-1 or 255 (ignored);
+- ``stats.parquet``: one row per (image, class) with ``predicted_pixels``, ``selected_pixels``,
+  ``mean_conf_predicted``, ``mean_conf_selected`` and, where the split has labels (diagnostics only, never used
+  for adaptation), ``gt_pixels`` and ``correct_selected``;
+- ``histograms.parquet``: sparse per-(image, class) counts of float16 confidence codes — enough to replay IAS for
+  any α, β, γ and instance mode without re-running the model (``hias_nb.selectors.replay_ias``);
+- ``thresholds.parquet``: the threshold history (IAS: one row per instance and class);
+- ``summary.json``: config, visiting order, final thresholds, class values (SPEC 2.6), pixel totals;
+- ``donors.json``: ``{class: [[name, pixel_count], ...]}`` (SPEC 2.6 ``samples_with_class``) for HPLA.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from hias_nb import selectors
+from hias_nb.classes import IGNORE
+from hias_nb.config import config_to_dict
+from hias_nb.data import SegDataset
+from hias_nb.errors import InputError
+from hias_nb.evaluate import predict_probs
+from hias_nb.io import read_json, write_json, write_png
+from hias_nb.runs import resolve_device
+from hias_nb.train import load_model
+
+__all__ = ["PseudoLabelConfig", "generate_pseudo_labels", "visiting_order", "load_pseudo_summary"]
+
+
+@dataclass
+class PseudoLabelConfig:
+    """``hias-nb pseudo-label``: model G over the target train split, then a selection policy."""
+
+    out: str = "runs/pseudo"  # folder for labels/ and the statistics files
+    checkpoint: str = "runs/source_only/model_final.pt"  # the generator G (hias_nb checkpoint)
+    dataset: str = "toytown"
+    data_root: str = "data/toytown"
+    split: str = "target_train"
+    resize: tuple[int, int] | None = None  # inference and label size (H, W); the reference uses 768×1536
+    policy: Literal["ias", "cbst", "constant", "none"] = "ias"
+    alpha: float = 0.2  # IAS (SPEC 2.2); HIAST's configs use 0.5
+    beta: float = 0.9
+    gamma: float = 8.0
+    init: float = 0.9
+    instance: Literal["batch", "image"] = "batch"  # "batch" with batch_size 2 is the reference
+    cbst_p: float = 0.2
+    constant_threshold: float = 0.9
+    class_value_gamma: float = 0.99  # EMA of the mean kept confidence per class (SPEC 2.6)
+    batch_size: int = 2
+    order: Literal["seeded", "reference", "sorted"] = "seeded"
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+def visiting_order(n: int, batch_size: int, order: str, seed: int) -> list[int]:
+    """The order in which images are visited (and so grouped into instances).
+
+    ``seeded``: a numpy permutation of (seed); ``reference``: the permutation a ``DataLoader(shuffle=True)``
+    draws (torch's RandomSampler) — the published code's mechanism, here seeded and recorded (B11);
+    ``sorted``: file order.
+    """
+    if order == "sorted":
+        return list(range(n))
+    if order == "seeded":
+        return np.random.default_rng(seed).permutation(n).tolist()
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.utils.data.RandomSampler(range(n), generator=g))
+
+
+def _policy(cfg: PseudoLabelConfig, num_classes: int):
+    if cfg.policy == "ias":
+        return selectors.IAS(
+            num_classes, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, init=cfg.init, instance=cfg.instance
+        )
+    if cfg.policy == "cbst":
+        return selectors.CBST(num_classes, p=cfg.cbst_p)
+    if cfg.policy == "constant":
+        return selectors.Constant(num_classes, threshold=cfg.constant_threshold)
+    return selectors.NoThreshold(num_classes)
+
+
+def load_pseudo_summary(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if not (folder / "summary.json").exists():
+        raise InputError(f"{folder}: no pseudo-labels here (summary.json missing); run `hias-nb pseudo-label`")
+    return read_json(folder / "summary.json")
+
+
+@torch.no_grad()
+def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
+    """Run G over the split, select, and write the folder described in the module docstring; returns it."""
+    out = Path(cfg.out)
+    if (out / "summary.json").exists():
+        old = read_json(out / "summary.json")["config"]
+        new = config_to_dict(cfg)
+        diff = [k for k in new if k not in ("device", "progress") and old.get(k) != new[k]]
+        if diff:
+            raise InputError(
+                f"{out}: holds pseudo-labels made with another config ({diff[0]}: {old.get(diff[0])!r}"
+                f" there, {new[diff[0]]!r} now); choose another --out"
+            )
+        print(f"{out}: pseudo-labels already complete; nothing to do")
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out}: folder exists and is not a finished pseudo-label folder; refusing to mix")
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    ds = SegDataset(cfg.dataset, cfg.data_root, cfg.split, size=cfg.resize)
+    num_classes = ds.protocol.num_classes
+    model = load_model(cfg.checkpoint, device, num_classes=num_classes).eval()
+    order = visiting_order(len(ds), cfg.batch_size, cfg.order, cfg.seed)
+    policy = _policy(cfg, num_classes)
+
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # an interrupted earlier attempt: start over, never mix
+    (tmp / "labels").mkdir(parents=True)
+
+    def forward(idx: list[int]):
+        items = [ds[i] for i in idx]
+        images = torch.stack([it["image"] for it in items]).to(device)
+        probs = predict_probs(model, images)
+        conf, pred = probs.max(1)
+        return items, conf.float(), pred
+
+    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    if cfg.policy == "cbst":  # pass 1: class-balanced thresholds over the whole split (SPEC 2.3)
+        for idx in tqdm(batches, desc="CBST pass 1", disable=not cfg.progress, leave=False):
+            _, conf, pred = forward(idx)
+            policy.observe(conf, pred)
+
+    values = selectors.ClassValues(num_classes, gamma=cfg.class_value_gamma)
+    stats_rows, hist_parts, donors = [], [], {c: [] for c in range(num_classes)}
+    has_gt = ds.samples[0].label is not None  # diagnostics only: precision/recall of the selection
+    for idx in tqdm(batches, desc=f"pseudo-label ({cfg.policy})", disable=not cfg.progress, dynamic_ncols=True):
+        items, conf, pred = forward(idx)
+        labels = policy.update(conf, pred) if cfg.policy == "ias" else policy.select(conf, pred)
+        values.update(conf, labels)
+        hist = selectors.confidence_histograms(conf, pred)
+        hist = pd.DataFrame(hist) if not isinstance(hist, pd.DataFrame) else hist
+        hist["image"] = [items[i]["name"] for i in hist["image"].to_numpy()]
+        hist_parts.append(hist)
+        for b, item in enumerate(items):
+            lab, cb, pb = labels[b], conf[b], pred[b]
+            write_png(tmp / "labels" / f"{item['name']}.png", lab.to(torch.uint8).cpu().numpy())
+            gt = item["label"].to(device) if has_gt else None
+            if gt is not None and gt.shape != lab.shape:
+                gt = None
+            predicted = torch.bincount(pb.flatten(), minlength=num_classes)
+            kept = lab != IGNORE
+            selected = torch.bincount(lab[kept], minlength=num_classes)
+            sum_pred = torch.zeros(num_classes, device=device, dtype=torch.float64).index_add_(
+                0, pb.flatten(), cb.flatten().double()
+            )
+            sum_sel = torch.zeros(num_classes, device=device, dtype=torch.float64).index_add_(
+                0, lab[kept], cb[kept].double()
+            )
+            if gt is not None:
+                gt_pixels = torch.bincount(gt[gt != IGNORE], minlength=num_classes)
+                correct = torch.bincount(lab[kept & (lab == gt)], minlength=num_classes)
+            for c in range(num_classes):
+                n_p, n_s = int(predicted[c]), int(selected[c])
+                if n_s:
+                    donors[c].append([item["name"], n_s])
+                if n_p == 0 and (gt is None or int(gt_pixels[c]) == 0):
+                    continue
+                row = {
+                    "image": item["name"],
+                    "class": c,
+                    "predicted_pixels": n_p,
+                    "selected_pixels": n_s,
+                    "mean_conf_predicted": float(sum_pred[c]) / n_p if n_p else float("nan"),
+                    "mean_conf_selected": float(sum_sel[c]) / n_s if n_s else float("nan"),
+                }
+                if gt is not None:
+                    row["gt_pixels"] = int(gt_pixels[c])
+                    row["correct_selected"] = int(correct[c])
+                stats_rows.append(row)
+
+    pd.DataFrame(stats_rows).to_parquet(tmp / "stats.parquet", index=False)
+    pd.concat(hist_parts, ignore_index=True).to_parquet(tmp / "histograms.parquet", index=False)
+    if cfg.policy == "ias":
+        policy.history.to_parquet(tmp / "thresholds.parquet", index=False)
+    thresholds = policy.thresholds
+    thresholds = None if thresholds is None else [float(t) for t in torch.as_tensor(thresholds).tolist()]
+    stats = pd.DataFrame(stats_rows)
+    totals = (
+        stats.groupby("class")[["predicted_pixels", "selected_pixels"]].sum().reindex(range(num_classes), fill_value=0)
+    )
+    write_json(tmp / "donors.json", {str(c): v for c, v in donors.items()})
+    write_json(
+        tmp / "summary.json",
+        {
+            "config": config_to_dict(cfg),
+            "protocol": ds.protocol.name,
+            "classes": list(ds.protocol.classes),
+            "num_images": len(ds),
+            "order": [ds.samples[i].id for i in order],
+            "thresholds": thresholds,
+            "class_values": [float(v) for v in values.values.tolist()],
+            "predicted_pixels": totals["predicted_pixels"].astype(int).tolist(),
+            "selected_pixels": totals["selected_pixels"].astype(int).tolist(),
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    tmp.rename(out)
+    print(summary_table(out).round(3).to_string())
+    return out
+
+
+def summary_table(folder: str | Path) -> pd.DataFrame:
+    """Per-class table of a pseudo-label folder: threshold, class value, kept fraction, precision (if GT)."""
+    folder = Path(folder)
+    s = load_pseudo_summary(folder)
+    stats = pd.read_parquet(folder / "stats.parquet")
+    per = stats.groupby("class").sum(numeric_only=True).reindex(range(len(s["classes"])), fill_value=0)
+    df = pd.DataFrame(index=pd.Index(s["classes"], name="class"))
+    if s["thresholds"] is not None:
+        df["threshold"] = s["thresholds"]
+    df["class_value"] = s["class_values"]
+    df["predicted_px"] = per["predicted_pixels"].to_numpy()
+    df["kept_fraction"] = (per["selected_pixels"] / per["predicted_pixels"].replace(0, np.nan)).to_numpy()
+    if "correct_selected" in per:
+        df["precision"] = (per["correct_selected"] / per["selected_pixels"].replace(0, np.nan)).to_numpy()
+        df["recall"] = (per["correct_selected"] / per["gt_pixels"].replace(0, np.nan)).to_numpy()
+    return df
