@@ -36,6 +36,8 @@ def _stage_parser(sub, name: str, help_text: str, config_cls) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hias_nb.pseudo_label import PseudoLabelConfig
+    from hias_nb.self_train import SelfTrainConfig
     from hias_nb.train import TrainConfig
 
     parser = _Parser(prog="hias-nb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--split", action="append", default=None, help="only this split (repeatable)")
 
     _stage_parser(sub, "train-source", "source-only (or oracle) training", TrainConfig)
+    _stage_parser(
+        sub, "pseudo-label", "pseudo-labels for the target train split (IAS, CBST, constant, none)", PseudoLabelConfig
+    )
+    _stage_parser(sub, "self-train", "one HIAST self-training round on pseudo-labelled target data", SelfTrainConfig)
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint (hias_nb's own or the published layout)")
     ev.add_argument("--checkpoint", required=True)
@@ -163,7 +169,17 @@ def _cmd_stage(name: str, config: str | None, rest: list[str]) -> int:
         path = train_source(load_config(TrainConfig, config, overrides))
         print(f"model written to {path}")
         return 0
-    raise InputError(f"{name}: not available yet")
+    if name == "pseudo-label":
+        from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
+
+        folder = generate_pseudo_labels(load_config(PseudoLabelConfig, config, overrides))
+        print(f"pseudo-labels written to {folder}")
+        return 0
+    from hias_nb.self_train import SelfTrainConfig, self_train
+
+    run = self_train(load_config(SelfTrainConfig, config, overrides))
+    print(f"student and teacher written to {run}")
+    return 0
 
 
 def _run(argv: list[str]) -> int:

@@ -8,6 +8,7 @@ key (and the file), never silently ignored lines. The resolved config is saved b
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -112,7 +113,7 @@ def _apply(cls: type[T], base: T, values: dict[str, Any], where: str) -> T:
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in names:
-            close = [n for n in names if n.split("_")[0] == name.split("_")[0]]
+            close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise InputError(f"{where}: unknown config key {key!r}{hint}")
         changes[name] = coerce(value, hints[name], name, where)
