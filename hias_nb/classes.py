@@ -78,11 +78,15 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     "cityscapes19": Protocol("cityscapes19", CITYSCAPES_CLASSES, tuple(range(19)), CITYSCAPES_PALETTE),
     "synthia16": Protocol(
-        "synthia16", CITYSCAPES_CLASSES, tuple(c for c in range(19) if c not in SYNTHIA_IGNORED),
+        "synthia16",
+        CITYSCAPES_CLASSES,
+        tuple(c for c in range(19) if c not in SYNTHIA_IGNORED),
         CITYSCAPES_PALETTE,
     ),
     "synthia13": Protocol(
-        "synthia13", CITYSCAPES_CLASSES, tuple(c for c in range(19) if c not in (*SYNTHIA_IGNORED, 3, 4, 5)),
+        "synthia13",
+        CITYSCAPES_CLASSES,
+        tuple(c for c in range(19) if c not in (*SYNTHIA_IGNORED, 3, 4, 5)),
         CITYSCAPES_PALETTE,
     ),
     "oxford9": Protocol("oxford9", OXFORD_CLASSES, tuple(range(9)), OXFORD_PALETTE),

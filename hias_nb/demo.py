@@ -38,6 +38,7 @@ class DemoConfig:
     device: str = "auto"
     seed: int = 0
     images: int = 1000  # toytown target-train images
+    size: tuple[int, int] = (64, 128)  # toytown image size (H, W)
     source_iterations: int = 600
     oracle: bool = True
     batch_size: int = 16
@@ -73,16 +74,22 @@ def _evaluated(path: Path, name: str, model, ds, device) -> dict:
 
 
 def run_demo(
-    quick: bool = False, out: str | None = None, device: str = "auto", data_root: str | None = None, seed: int = 0
+    quick: bool = False,
+    out: str | None = None,
+    device: str = "auto",
+    data_root: str | None = None,
+    seed: int = 0,
+    **overrides,
 ) -> dict:
-    cfg = demo_config(quick, out=out, data_root=data_root, seed=seed, device=device)
+    """Run every stage (see the module docstring); `overrides` replace `DemoConfig` fields (e.g. in tests)."""
+    cfg = demo_config(quick, out=out, data_root=data_root, seed=seed, device=device, **overrides)
     device = resolve_device(cfg.device)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     t0 = time.perf_counter()
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"[demo] toytown in {cfg.data_root}")
-    ensure_toytown(cfg.data_root, images=cfg.images, seed=cfg.seed)
+    ensure_toytown(cfg.data_root, images=cfg.images, seed=cfg.seed, size=cfg.size)
     protocol = get_protocol("cityscapes19")
     val = SegDataset("toytown", cfg.data_root, "target_val")
     stages: list[dict] = []
@@ -164,6 +171,8 @@ def run_demo(
         stages,
         time.perf_counter() - t0,
         {"demo": config_to_dict(cfg), "quick": quick},
+        students=students,
+        summary=summarise(stages),
     )
     table = report_table(report)
     print(table.round(1).to_string(na_rep="-"))

@@ -86,9 +86,7 @@ def hard_classes(
             eligible[c] = False
     bad = (eligible & ~torch.isfinite(values)).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(
-            f"class_values must be finite for every class that may be hard; not for classes {bad}"
-        )
+        raise ValueError(f"class_values must be finite for every class that may be hard; not for classes {bad}")
 
     candidates = eligible.nonzero().flatten()
     order = torch.sort(values[candidates], stable=True).indices
@@ -177,9 +175,7 @@ class HPLA:
         self.hard = torch.as_tensor(hard, dtype=torch.int64).cpu().flatten()
         self.probs = _float64_cpu(probs).flatten()
         if self.hard.numel() and int(self.hard.max()) >= self.probs.numel():
-            raise ValueError(
-                f"hard class {int(self.hard.max())} has no entry in probs [{self.probs.numel()}]"
-            )
+            raise ValueError(f"hard class {int(self.hard.max())} has no entry in probs [{self.probs.numel()}]")
         self.donors = {int(c): list(names) for c, names in donors.items()}
         self.load_donor = load_donor
         self.mode = mode
@@ -199,20 +195,15 @@ class HPLA:
         names = self.donors[cls]
         return names[int(torch.randint(len(names), (1,), generator=self.generator))]
 
-    def _load(
-        self, name: str, size: tuple[int, int], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, name: str, size: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Load a donor and bring it to the recipient's size: image bilinear, label nearest (B5 fixed)."""
         image, label = self.load_donor(name)
         image, label = torch.as_tensor(image), torch.as_tensor(label)
         if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-            raise InputError(
-                f"{name}: donor image must be uint8 [3,H,W], got {image.dtype} {tuple(image.shape)}"
-            )
+            raise InputError(f"{name}: donor image must be uint8 [3,H,W], got {image.dtype} {tuple(image.shape)}")
         if tuple(label.shape) != tuple(image.shape[1:]):
             raise InputError(
-                f"{name}: donor label shape {tuple(label.shape)} "
-                f"does not match its image {tuple(image.shape[1:])}"
+                f"{name}: donor label shape {tuple(label.shape)} does not match its image {tuple(image.shape[1:])}"
             )
         image, label = image.to(device), label.to(device=device, dtype=torch.int64)
         if tuple(label.shape) != size:
@@ -221,18 +212,14 @@ class HPLA:
             label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(torch.int64)
         return image, label
 
-    def __call__(
-        self, image: torch.Tensor, label: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Paste hard-class pixels of donor(s) into ``image [3,H,W] uint8`` / ``label [H,W] int64``.
 
         Returns ``(image, label, provenance)``, new tensors of the same shapes; ``provenance`` is the pasted
         class id where pasted, 255 elsewhere.
         """
         if image.dim() != 3 or tuple(image.shape[1:]) != tuple(label.shape):
-            raise ValueError(
-                f"expected image [3,H,W] and label [H,W], got {tuple(image.shape)}, {tuple(label.shape)}"
-            )
+            raise ValueError(f"expected image [3,H,W] and label [H,W], got {tuple(image.shape)}, {tuple(label.shape)}")
         image, label = image.clone(), label.to(torch.int64, copy=True)
         provenance = torch.full_like(label, IGNORE, dtype=torch.int64)
         size = (label.shape[0], label.shape[1])

@@ -55,9 +55,7 @@ def _check_shapes(logits: torch.Tensor, pseudo_label: torch.Tensor) -> None:
         raise ValueError(f"logits must be [B,C,H,W], got shape {tuple(logits.shape)}")
     b, _, h, w = logits.shape
     if tuple(pseudo_label.shape) != (b, h, w):
-        raise ValueError(
-            f"pseudo_label must be [B,H,W] = {(b, h, w)} to match logits, got {tuple(pseudo_label.shape)}"
-        )
+        raise ValueError(f"pseudo_label must be [B,H,W] = {(b, h, w)} to match logits, got {tuple(pseudo_label.shape)}")
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +83,7 @@ def region_mask(pseudo_label: torch.Tensor, region: str, ignore_index: int = 255
     return torch.ones_like(pseudo_label, dtype=torch.bool)
 
 
-def target_cross_entropy(
-    logits: torch.Tensor, pseudo_label: torch.Tensor, ignore_index: int = 255
-) -> torch.Tensor:
+def target_cross_entropy(logits: torch.Tensor, pseudo_label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Pseudo-label cross-entropy, mean over the confident region (SPEC.md 4, ``target_seg_loss``).
 
     Args:
@@ -97,9 +93,7 @@ def target_cross_entropy(
         scalar ``(1/N_c) Σ_{i∈Ω_c} −log p_{i,ŷ_i}``; exactly 0 (with a graph) when Ω_c is empty.
     """
     _check_shapes(logits, pseudo_label)
-    per_pixel = F.cross_entropy(
-        _at_least_fp32(logits), pseudo_label, ignore_index=ignore_index, reduction="none"
-    )
+    per_pixel = F.cross_entropy(_at_least_fp32(logits), pseudo_label, ignore_index=ignore_index, reduction="none")
     confident = pseudo_label != ignore_index
     return _safe_divide(per_pixel[confident].sum(), confident.sum())
 

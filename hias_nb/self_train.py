@@ -82,6 +82,7 @@ class SelfTrainConfig:
     crop_height_range: tuple[int, int] | None = None
     crop_ratio: float = 2.0
     checkpoint_every: int = 100
+    stop_after: int | None = None  # leave a resumable state after this many iterations
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -269,7 +270,8 @@ def self_train(cfg: SelfTrainConfig) -> Path:
         dynamic_ncols=True,
     )
     t0 = time.perf_counter()
-    for it in range(start, cfg.iterations):
+    stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
+    for it in range(start, stop):
         batch = next(loader)
         imgs, labels = batch["image"], batch["label"]
         provenance = torch.full_like(labels, IGNORE)
@@ -301,7 +303,7 @@ def self_train(cfg: SelfTrainConfig) -> Path:
                     "seconds": round(time.perf_counter() - t0, 2),
                 }
             )
-        if distributed.is_main() and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
+        if distributed.is_main() and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 in (stop, cfg.iterations)):
             save_state(
                 out / "state.pt",
                 {
@@ -314,6 +316,9 @@ def self_train(cfg: SelfTrainConfig) -> Path:
                 },
             )
     bar.close()
+    if stop < cfg.iterations:
+        print(f"{out / 'state.pt'}: stopped at iteration {stop}/{cfg.iterations}; re-run to resume")
+        return out
     if distributed.is_main():
         meta = {
             **meta,

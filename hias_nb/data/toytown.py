@@ -361,7 +361,7 @@ class _Scene:
         shape = int(rng.integers(3))
 
         def draw_light(xl: float, y_top: float) -> None:
-            self.box(xl, y_top - 1.0, y_top, d, 0.2, LIGHT, housing, self.min_px)
+            self.box(xl, y_top - 1.3, y_top, d, 0.3, LIGHT, housing, self.min_px)
             cx, cy = self.cam(xl, y_top - 0.3 - 0.3 * int(rng.integers(2)), d)
             ppm = self.cam.ppm(d)
             rl = max(0.5, 0.12 * ppm)
@@ -370,25 +370,25 @@ class _Scene:
         def draw() -> None:
             cam, cv = self.cam, self.cv
             if kind == 3:  # mast arm over the road carrying the light
-                self.vbar(x, 0, h, d, 0.2, POLE, grey)
+                self.vbar(x, 0, h, d, 0.25, POLE, grey)
                 xa = x - side * rng.uniform(2.0, 4.0)
                 w = max(self.min_px, round(0.15 * cam.ppm(d)))
                 cv.line([cam(x, h - 0.2, d), cam(xa, h - 0.2, d)], POLE, grey, w)
                 draw_light(xa, h - 0.2)
                 return
             top = h if kind != 2 else sign_h + 0.8
-            self.vbar(x, 0, top, d, 0.18, POLE, grey)
+            self.vbar(x, 0, top, d, 0.25, POLE, grey)
             if kind == 0:  # street lamp: an arm (pole) with a head (pole)
                 xa = x - side * 1.2
                 w = max(1, round(0.12 * cam.ppm(d)))
                 cv.line([cam(x, h, d), cam(xa, h, d)], POLE, grey, w)
                 self.box(xa, h - 0.25, h, d, 0.3, POLE, (200, 200, 190))
             elif kind == 1:
-                draw_light(x, top + 1.0)
+                draw_light(x, top + 1.3)
             else:
                 ppm = cam.ppm(d)
                 cx, cy = cam(x, sign_h + 0.4, d)
-                r = max(1.5, 0.35 * ppm)
+                r = max(2.0, 0.5 * ppm)
                 if shape == 0:
                     cv.ellipse(cx, cy, r, r, SIGN, sign_colour)
                 elif shape == 1:
@@ -491,7 +491,7 @@ class _Scene:
             ppm = cam.ppm(d)
             cx, yb = cam(x, 0, d)
             r = max(1.5, wheel_r * ppm)
-            tyre = max(1, round((0.07 if cls == BICYCLE else 0.12) * ppm))
+            tyre = max(1, round((0.1 if cls == BICYCLE else 0.12) * ppm))
             xa, xb = cx - facing * base / 2 * ppm, cx + facing * base / 2 * ppm
             cy = yb - r
             for xw in (xa, xb):
