@@ -29,8 +29,14 @@ def _copy(src, tmp_path):
 
 
 def test_help_for_every_command(capsys):
-    for cmd in (["--help"], ["demo", "--help"], ["data", "generate", "--help"], ["data", "check", "--help"],
-                ["train-source", "--help"], ["evaluate", "--help"]):
+    for cmd in (
+        ["--help"],
+        ["demo", "--help"],
+        ["data", "generate", "--help"],
+        ["data", "check", "--help"],
+        ["train-source", "--help"],
+        ["evaluate", "--help"],
+    ):
         with pytest.raises(SystemExit) as e:
             main(cmd)
         assert e.value.code == 0
@@ -92,8 +98,20 @@ def test_train_resume_is_exact_and_evaluate_writes_report(tiny_toytown, tmp_path
     assert (tmp_path / "a" / "model_final.pt").read_bytes() == before
 
     report = tmp_path / "r.json"
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "a" / "model_final.pt"), "--data-root",
-                 str(tiny_toytown), "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(tmp_path / "a" / "model_final.pt"),
+                "--data-root",
+                str(tiny_toytown),
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     r = json.loads(report.read_text())
     assert r["protocol"] == "cityscapes19" and len(r["classes"]) == 19 and len(r["stages"]) == 1
     stage = r["stages"][0]

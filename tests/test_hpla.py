@@ -310,9 +310,7 @@ def test_bad_arguments_and_bad_donor():
         HPLA(hard, probs, {}, Donors({}), mode="twice")
     with pytest.raises(ValueError, match="max_donors"):
         HPLA(hard, probs, {}, Donors({}), max_donors=0)
-    bad = Donors(
-        {"broken": (torch.zeros(3, 4, 4, dtype=torch.float32), torch.zeros(4, 4, dtype=torch.int64))}
-    )
+    bad = Donors({"broken": (torch.zeros(3, 4, 4, dtype=torch.float32), torch.zeros(4, 4, dtype=torch.int64))})
     hpla = HPLA(hard, probs, {0: ["broken"]}, bad)
     with pytest.raises(InputError, match="broken"):
         hpla(torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(4, 4, dtype=torch.int64))

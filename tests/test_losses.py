@@ -121,9 +121,7 @@ def test_consistency_nonzero_count_hand_computed():
     assert consistency(logits, teacher, label, normalisation="pixel").item() == pytest.approx(log3)
     # region="all": sum 3 log 3 over 3 + 3 non-zero terms; pixel: over 3 pixels.
     assert consistency(logits, teacher, label, region="all").item() == pytest.approx(3 * log3 / 6)
-    assert consistency(logits, teacher, label, region="all", normalisation="pixel").item() == pytest.approx(
-        log3
-    )
+    assert consistency(logits, teacher, label, region="all", normalisation="pixel").item() == pytest.approx(log3)
     assert consistency(logits, teacher, label, region="confident").item() == pytest.approx(log3 / 3)
 
 
