@@ -37,3 +37,17 @@ def test_ci_runs_the_readme_test_command():
 def test_console_script_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["hias-nb"] == "hias_nb.cli:main"
+
+
+def test_shipped_configs_load():
+    from hias_nb.config import load_config
+    from hias_nb.pseudo_label import PseudoLabelConfig
+    from hias_nb.self_train import SelfTrainConfig
+    from hias_nb.train import TrainConfig
+
+    kinds = {"source": TrainConfig, "round": SelfTrainConfig, "pseudo": PseudoLabelConfig}
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        cls = next(c for k, c in kinds.items() if k in f.stem)
+        load_config(cls, f)  # every key known, every type right

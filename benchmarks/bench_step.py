@@ -1,0 +1,100 @@
+"""One HIAST self-training step vs one plain supervised step of the same model, batch and resolution.
+
+HIAST step = HPLA paste (per sample) → weak view → strong view → teacher forward (no grad) → student forward →
+CE + KLD + entropy + consistency → backward → Adam step → EMA update. Plain step = weak view → forward → CE →
+backward → Adam step. Both are timed alternately in one run (median of ``--repeats``) and the ratio printed;
+goal ≤ 1.5× (the teacher's forward is the part that must be paid).
+
+    python benchmarks/bench_step.py [--device cuda] [--backbone resnet101 --size 512 1024 --batch 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hias_nb import augment
+from hias_nb.hpla import HPLA
+from hias_nb.models import DeepLabV2, freeze_bn
+from hias_nb.self_train import SelfTrainConfig, self_training_step
+from hias_nb.train import autocast_context, ema_update, make_optimizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backbone", default="resnet10t")
+    ap.add_argument("--size", type=int, nargs=2, default=(64, 128))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dev, (h, w), b = args.device, args.size, args.batch
+    rates = (6, 12, 18, 24) if h >= 256 else (1, 2, 4, 6)
+    torch.manual_seed(0)
+    student = DeepLabV2(args.backbone, 19, aspp_rates=rates).to(dev)
+    plain = copy.deepcopy(student)
+    freeze_bn(student, "affine")
+    teacher = copy.deepcopy(student).eval()
+    opt_s = make_optimizer(student, "adam", 1e-5, 10, 5e-4)
+    opt_p = make_optimizer(plain, "adam", 1e-5, 10, 5e-4)
+    images = torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8)
+    labels = torch.randint(0, 19, (b, h, w))
+    labels[:, : h // 3] = 255
+    donor = (torch.randint(0, 256, (3, h, w), dtype=torch.uint8), torch.randint(0, 19, (h, w)))
+    hpla = HPLA(torch.arange(5, 19), torch.full((19,), 1 / 14).index_fill_(0, torch.arange(5), 0),
+                {c: ["d"] for c in range(19)}, lambda name: donor, generator=torch.Generator().manual_seed(0))
+    cfg = SelfTrainConfig(device=dev, amp=True)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    h_range = augment.scaled_weak_defaults((h, w)).h_range
+
+    def sync() -> None:
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def hiast_step() -> None:
+        imgs, labs = images.clone(), labels.clone()
+        prov = torch.full_like(labs, 255)
+        for i in range(b):
+            imgs[i], labs[i], prov[i] = hpla(imgs[i], labs[i])
+        loss, _ = self_training_step(student, teacher, imgs.to(dev), labs.to(dev), prov.to(dev), cfg, gen, dev)
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
+        ema_update(teacher, student, 0.999)
+
+    def plain_step() -> None:
+        imgs, labs, _ = augment.weak_view(images.to(dev), labels.to(dev), out_size=(h, w), h_range=h_range,
+                                          ratio=2.0, generator=gen)
+        with autocast_context(dev, True):
+            logits = plain(augment.normalize(imgs))
+        loss = F.cross_entropy(logits.float(), labs, ignore_index=255)
+        opt_p.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_p.step()
+
+    student.train(), plain.train()
+    times: dict[str, list[float]] = {"plain": [], "hiast": []}
+    for i in range(args.repeats + 2):
+        for name, fn in (("plain", plain_step), ("hiast", hiast_step)):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            if i >= 2:  # warm-up
+                times[name].append(time.perf_counter() - t)
+    p, s = statistics.median(times["plain"]), statistics.median(times["hiast"])
+    print(f"device={dev} backbone={args.backbone} batch={b} size={h}x{w} threads={args.threads}")
+    print(f"plain supervised step: {1000 * p:8.1f} ms (median of {args.repeats})")
+    print(f"HIAST step:            {1000 * s:8.1f} ms (median of {args.repeats})")
+    print(f"ratio HIAST / plain:   {s / p:8.2f}x   (goal <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
