@@ -44,7 +44,8 @@ class DemoConfig:
     batch_size: int = 16
     rounds: int = 2
     round_iterations: int = 250
-    round_lr: float = 2e-4  # backbone lr of round 1; later rounds use round_lr_decay ** (k - 1) times it
+    round_lr: float = 2e-4  # lr of round 1; later rounds use round_lr_decay ** (k - 1) times it
+    round_head_lr_mult: float = 1.0  # the paper's 10 suits an ImageNet backbone; toytown's is trained from scratch
     round_lr_decay: float = 0.67  # the paper's 3e-6, 2e-6, 1e-6 shape
     alpha: float = 0.5  # IAS, HIAST's setting
     ema_gamma: float = 0.99  # the paper's 0.999 suits 8000-iteration rounds; ours are ~30× shorter
@@ -141,6 +142,7 @@ def run_demo(
                 iterations=cfg.round_iterations,
                 batch_size=cfg.batch_size,
                 lr=cfg.round_lr * cfg.round_lr_decay ** (k - 1),
+                head_lr_mult=cfg.round_head_lr_mult,
                 ema_gamma=cfg.ema_gamma,
                 hpla=cfg.hpla,
                 lambda_kld=cfg.lambda_kld,

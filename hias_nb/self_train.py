@@ -36,6 +36,7 @@ from hias_nb.runs import CsvLog, load_state, prepare_run_dir, resolve_device, sa
 from hias_nb.train import (
     InfiniteSampler,
     autocast_context,
+    crop_heights,
     ema_update,
     load_model,
     lr_factor,
@@ -79,7 +80,8 @@ class SelfTrainConfig:
     ignored_classes: tuple[int, ...] = ()  # never hard: (9, 14, 16) for SYNTHIA
     strong: bool = True  # the student sees the CCA strong view (False: the weak view)
     crop_size: tuple[int, int] | None = None
-    crop_height_range: tuple[int, int] | None = None
+    crop_height_range: tuple[int, int] | None = None  # crop height in pixels (SPEC 5.5 rows); None: crop_scale
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # crop height as a fraction of the input height
     crop_ratio: float = 2.0
     checkpoint_every: int = 100
     stop_after: int | None = None  # leave a resumable state after this many iterations
@@ -157,7 +159,7 @@ def self_training_step(
     """Loss of one HIAST iteration on an HPLA-augmented batch (``images`` uint8 ``[B,3,H,W]``, ``labels`` and
     ``provenance`` int64 ``[B,H,W]``, all on `device`). Returns the total loss (with graph) and every term."""
     out_hw = tuple(cfg.crop_size) if cfg.crop_size else tuple(images.shape[-2:])
-    h_range = tuple(cfg.crop_height_range) if cfg.crop_height_range else augment.scaled_weak_defaults(out_hw).h_range
+    h_range = crop_heights(cfg.crop_height_range, cfg.crop_scale, images.shape[-2])
     # Views: the weak view's geometry also moves the pseudo-label and the HPLA provenance mask.
     weak, labels, (provenance,) = augment.weak_view(
         images,

@@ -42,6 +42,7 @@ __all__ = [
     "ema_update",
     "autocast_context",
     "load_model",
+    "crop_heights",
 ]
 
 
@@ -63,12 +64,13 @@ class TrainConfig:
     batch_size: int = 16  # global batch (split across torchrun processes)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 2e-3  # backbone learning rate; the head gets head_lr_mult × lr
-    head_lr_mult: float = 10.0
+    head_lr_mult: float = 1.0  # 10 in the paper (pretrained backbone); a random-init backbone needs no slower lr
     weight_decay: float = 1e-4
-    schedule: Literal["cosine", "poly", "constant"] = "cosine"
+    schedule: Literal["cosine", "poly", "constant"] = "poly"
     warmup: int = 30  # linear warm-up iterations (random-init training is unstable without one)
     crop_size: tuple[int, int] | None = None  # weak-view output (H, W); None = the image size
-    crop_height_range: tuple[int, int] | None = None  # None = SPEC 5.5 Cityscapes range scaled to the image
+    crop_height_range: tuple[int, int] | None = None  # crop height in pixels (SPEC 5.5 rows); None: crop_scale
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # crop height as a fraction of the input height
     crop_ratio: float = 2.0  # crop width / height
     photometric: float = 1.0  # strength of source photometric augmentation; 0 disables it
     checkpoint_every: int = 100
@@ -155,6 +157,17 @@ def autocast_context(device: str, amp: bool):
     return torch.autocast("cpu", enabled=False)
 
 
+def crop_heights(pixels: tuple[int, int] | None, scale: tuple[float, float], in_h: int) -> tuple[int, int]:
+    """Inclusive crop-height range of the weak view: `pixels` when given (SPEC 5.5 rows), else `scale` × input
+    height (the toytown default (0.6, 1.0))."""
+    if pixels is not None:
+        return int(pixels[0]), int(pixels[1])
+    lo, hi = max(1, round(scale[0] * in_h)), max(1, round(scale[1] * in_h))
+    if lo > hi:
+        raise InputError(f"crop_scale: lower bound above upper bound: {scale}")
+    return lo, hi
+
+
 def _needs_scaler(device: str, amp: bool) -> bool:
     return amp and device.startswith("cuda") and not torch.cuda.is_bf16_supported()
 
@@ -217,7 +230,7 @@ def train_source(cfg: TrainConfig) -> Path:
     loader = _loader(ds, cfg.batch_size // world, cfg.seed, start * cfg.batch_size, cfg.num_workers, device)
     image_hw = tuple(ds[0]["image"].shape[-2:])
     out_hw = tuple(cfg.crop_size) if cfg.crop_size else image_hw
-    h_range = tuple(cfg.crop_height_range) if cfg.crop_height_range else augment.scaled_weak_defaults(out_hw).h_range
+    h_range = crop_heights(cfg.crop_height_range, cfg.crop_scale, image_hw[0])
     log = CsvLog(out / "log.csv", resume_from=start) if distributed.is_main() else None
     net.train()
     freeze_bn(model, cfg.freeze_bn)
