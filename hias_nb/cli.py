@@ -50,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-root", default="data/toytown", help="where toytown is (generated if absent)")
     demo.add_argument("--seed", type=int, default=0)
 
+    abl = sub.add_parser("ablation", help="the toytown ablation: selectors, components, equal-compute control")
+    abl.add_argument("--out", default="runs/ablation")
+    abl.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    abl.add_argument(
+        "--variants", nargs="+", default=None, help="subset of: full cbst constant none no_hpla no_rar no_consistency"
+    )
+    abl.add_argument("--no-control", action="store_true", help="skip the equal-compute control")
+    abl.add_argument("--csv", default=None, help="where the long CSV goes (default OUT/ablation.csv)")
+    abl.add_argument("--quick", action="store_true")
+    abl.add_argument("--device", default="auto")
+    abl.add_argument("--data-root", default="data/toytown")
+
     data = sub.add_parser("data", help="generate or check datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     gen = dsub.add_parser("generate", help="write the embedded benchmark as PNG files plus a manifest")
@@ -193,6 +205,23 @@ def _run(argv: list[str]) -> int:
         return _cmd_data(args)
     if args.command == "evaluate":
         return _cmd_evaluate(args)
+    if args.command == "ablation":
+        from hias_nb.ablation import VARIANTS, run_ablation
+
+        unknown = [v for v in args.variants or () if v not in VARIANTS]
+        if unknown:
+            raise InputError(f"--variants: unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+        run_ablation(
+            args.out,
+            tuple(args.seeds),
+            tuple(args.variants or VARIANTS),
+            args.csv,
+            args.quick,
+            args.device,
+            args.data_root,
+            control=not args.no_control,
+        )
+        return 0
     if args.command == "demo":
         from hias_nb.demo import run_demo
 

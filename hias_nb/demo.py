@@ -1,10 +1,13 @@
 """``hias-nb demo``: the main job on the embedded toytown benchmark, stage by stage.
 
 generate toytown (if absent) → source-only training → evaluation on target-val → the same model with BatchNorm
-statistics re-estimated on target-train (``source_only_adabn``) → [HIAST self-training rounds] → oracle
-(trained on target labels; upper reference only, skipped with ``--quick``) → per-class IoU table with one column
-per stage, ``report.json``, figures. Every stage writes into its own sub-folder and is skipped when its outputs
-exist, so an interrupted demo resumes where it stopped.
+statistics re-estimated on target-train (``source_only_adabn``) → HIAST rounds: pseudo-labels (IAS) from the
+generator G, then one self-training round (HPLA, views, RAR, consistency, EMA teacher); round 1 starts from the
+AdaBN model (our stand-in for the paper's adversarial warm-up), round k+1's pseudo-labels come from round k's
+teacher and its student continues from round k's student (SPEC.md 1.1) → oracle (trained on target labels; upper
+reference only, skipped with ``--quick``) → per-class IoU table with one column per stage, ``report.json``
+(stages = teachers; ``students`` = the students), figures. Every stage writes into its own sub-folder and is
+skipped when its outputs exist, so an interrupted demo resumes where it stopped.
 """
 
 from __future__ import annotations

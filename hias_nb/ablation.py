@@ -1,0 +1,146 @@
+"""The toytown ablation of HIAST (``hias-nb ablation``): selectors, components, and an equal-compute control.
+
+For each seed the demo's source-only model is trained once; every variant then runs the demo's self-training
+rounds from it with one setting changed:
+
+- ``full``: the method as ``hias-nb demo`` runs it (IAS, HPLA, region regularisation, consistency);
+- ``cbst`` / ``constant`` / ``none``: another pseudo-label selector (SPEC.md 2.3);
+- ``no_hpla``, ``no_rar`` (λc = λi = 0), ``no_consistency`` (λcst = 0): one component removed;
+- ``control``: no adaptation — the source model trained on source data for as many extra iterations as all
+  rounds take together (and ``control_adabn``: the same with target BatchNorm statistics), so that a gain of
+  self-training is not confused with a gain of more training (TOYTOWN-NOTES).
+
+Results go to a long CSV, one row per (variant, seed, stage): ``variant, seed, stage, miou`` and one IoU column
+per class; the notebooks read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from hias_nb.data import SegDataset
+from hias_nb.demo import _evaluated, demo_config, run_demo
+from hias_nb.io import atomic_path
+from hias_nb.models import save_checkpoint
+from hias_nb.runs import resolve_device
+from hias_nb.train import TrainConfig, load_model, recalibrate_bn, train_source
+
+__all__ = ["VARIANTS", "run_ablation", "ablation_table"]
+
+# Each variant is the demo with these DemoConfig fields changed.
+VARIANTS: dict[str, dict] = {
+    "full": {},
+    "cbst": {"policy": "cbst"},
+    "constant": {"policy": "constant"},
+    "none": {"policy": "none"},
+    "no_hpla": {"hpla": False},
+    "no_rar": {"lambda_kld": 0.0, "lambda_ent": 0.0},
+    "no_consistency": {"lambda_cst": 0.0},
+}
+
+
+def _share_source(src: Path, dst: Path) -> None:
+    """Give a variant the seed's finished source-only stages (hard links: no copy, no retraining)."""
+    for stage in ("source_only", "source_only_adabn"):
+        if not (dst / stage).exists():
+            shutil.copytree(src / stage, dst / stage, copy_function=os.link)
+
+
+def _control(seed_dir: Path, cfg, device: str) -> list[dict]:
+    """Equal-compute control: continue source training for rounds × round_iterations, then evaluate."""
+    out = seed_dir / "control"
+    extra = cfg.rounds * cfg.round_iterations
+    ckpt = train_source(
+        TrainConfig(
+            out=str(out / "train"),
+            data_root=cfg.data_root,
+            iterations=extra,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed + 100,
+            device=device,
+            warmup=0,
+            init_checkpoint=str(seed_dir / "full" / "source_only" / "model_final.pt"),
+        )
+    )
+    val = SegDataset("toytown", cfg.data_root, "target_val")
+    entries = [_evaluated(out / "eval.json", "control", load_model(ckpt, device), val, device)]
+    adabn = out / "adabn.pt"
+    if not adabn.exists():
+        model = load_model(ckpt, device)
+        loader = torch.utils.data.DataLoader(
+            SegDataset("toytown", cfg.data_root, "target_train"), batch_size=cfg.batch_size
+        )
+        recalibrate_bn(model, (b["image"] for b in loader), device)
+        save_checkpoint(adabn, model, {"adabn": "target_train"})
+    entries.append(_evaluated(out / "eval_adabn.json", "control_adabn", load_model(adabn, device), val, device))
+    return entries
+
+
+def run_ablation(
+    out: str | Path = "runs/ablation",
+    seeds: tuple[int, ...] = (0, 1),
+    variants: tuple[str, ...] = tuple(VARIANTS),
+    csv: str | Path | None = None,
+    quick: bool = False,
+    device: str = "auto",
+    data_root: str = "data/toytown",
+    control: bool = True,
+) -> pd.DataFrame:
+    """Run every variant for every seed (finished parts are reused) and write the long CSV; returns it."""
+    out = Path(out)
+    device = resolve_device(device)
+    rows: list[dict] = []
+    for seed in seeds:
+        seed_dir = out / f"seed_{seed}"
+        for name in variants:
+            print(f"[ablation] seed {seed}, variant {name}")
+            vdir = seed_dir / name
+            if name != "full":
+                if not (seed_dir / "full" / "source_only_adabn" / "model_final.pt").exists():
+                    run_demo(quick=quick, out=str(seed_dir / "full"), device=device, data_root=data_root, seed=seed)
+                vdir.mkdir(parents=True, exist_ok=True)
+                _share_source(seed_dir / "full", vdir)
+            report = run_demo(
+                quick=quick,
+                out=str(vdir),
+                device=device,
+                data_root=data_root,
+                seed=seed,
+                **({"oracle": False} if name != "full" else {}),
+                **VARIANTS[name],
+            )
+            rows += [_row(name, seed, s) for s in report["stages"]]
+        if control:
+            cfg = dataclasses.replace(demo_config(quick), seed=seed, data_root=data_root)
+            rows += [_row("control", seed, s) for s in _control(seed_dir, cfg, device)]
+    df = pd.DataFrame(rows)
+    csv = Path(csv) if csv else out / "ablation.csv"
+    with atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.2f")
+    print(ablation_table(df).round(1).to_string())
+    return df
+
+
+def _row(variant: str, seed: int, stage: dict) -> dict:
+    return {"variant": variant, "seed": seed, "stage": stage["name"], "miou": stage["miou"], **stage["per_class"]}
+
+
+def ablation_table(df: pd.DataFrame) -> pd.DataFrame:
+    """mIoU of each variant's final stage (last round; the control's own stages), mean ± std over seeds."""
+    finals = []
+    for (variant, seed), g in df.groupby(["variant", "seed"], sort=False):
+        rounds = g[g["stage"].str.match(r"round_\d+$")]
+        pick = rounds.iloc[[-1]] if len(rounds) else g
+        finals.append(pick.assign(variant=variant, seed=seed))
+    f = pd.concat(finals)
+    table = f.groupby(["variant", "stage"], sort=False)["miou"].agg(["mean", "std", "count"])
+    base = df[df["stage"].isin(["source_only", "source_only_adabn", "oracle"])]
+    ref = base.groupby("stage")["miou"].agg(["mean", "std", "count"])
+    ref.index = pd.MultiIndex.from_tuples([("reference", s) for s in ref.index], names=["variant", "stage"])
+    return pd.concat([ref, table])
