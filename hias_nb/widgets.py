@@ -1,0 +1,409 @@
+"""Interactive pieces of the notebook series (ipywidgets), usable and testable outside Jupyter.
+
+Each widget class builds its controls, draws into a matplotlib ``Figure`` (object API) and shows it as a PNG in
+an ``ipywidgets.Image``; setting a control's ``.value`` from code runs the same callback as moving it in the
+browser, and the latest computed data stays on the object (``.thresholds``, ``.sample``, ``.total``) so that
+tests and readers can check what is drawn. Display ``obj.widget`` in a notebook.
+
+- `ThresholdReplay`: IAS (SPEC.md 2.2) replayed from a pseudo-label folder's recorded confidence histograms
+  for any α, β, γ and instance mode, without the model (``selectors.replay_ias``).
+- `hpla_preview` / `HPLAPreview`: one HPLA copy-paste (SPEC.md 3.4) and the weak and strong views built from
+  its result (SPEC.md 3.5, 5.5), as the teacher and the student see them.
+- `LossMapExplorer`: per-pixel loss terms of self-training (SPEC.md 4, 5.3) with a checkbox per λ.
+- `resolve_run`, `train_source_live`: the notebooks' run folder and a source training with a live loss curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ipywidgets as W
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from hias_nb import augment, viz
+from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
+from hias_nb.errors import InputError
+from hias_nb.hpla import HPLA, Draw
+from hias_nb.pseudo_label import load_pseudo_summary
+from hias_nb.selectors import ConfidenceHistogram, replay_ias
+from hias_nb.self_train import PseudoLabelledTarget, build_hpla
+from hias_nb.train import TrainConfig, crop_heights, load_model, train_source
+
+__all__ = [
+    "resolve_run",
+    "figure_png",
+    "train_source_live",
+    "ThresholdReplay",
+    "HPLASample",
+    "hpla_preview",
+    "hpla_preview_figure",
+    "HPLAPreview",
+    "LossMapExplorer",
+    "read_round_config",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folder and rendering
+
+
+def resolve_run(
+    run_dir: str | os.PathLike | None,
+    quick: bool,
+    data_root: str | os.PathLike = "../data/toytown",
+    runs_root: str | os.PathLike = "../runs",
+) -> Path:
+    """The run folder a notebook analyses: `run_dir`, or ``runs_root/demo_quick`` (QUICK) / ``runs_root/demo``.
+
+    A default folder without ``report.json`` is created (or resumed) with ``run_demo(quick=quick, ...)``; an
+    explicit `run_dir` without ``report.json`` is an `InputError` (point RUN_DIR at a finished demo run).
+    """
+    if run_dir is not None:
+        run = Path(run_dir)
+        if not (run / "report.json").exists():
+            raise InputError(f"{run}: no report.json; RUN_DIR must be a finished `hias-nb demo` run folder")
+        return run
+    run = Path(runs_root) / ("demo_quick" if quick else "demo")
+    if not (run / "report.json").exists():
+        from hias_nb.demo import run_demo
+
+        run_demo(quick=quick, out=str(run), data_root=str(data_root))
+    return run
+
+
+def figure_png(fig: Figure, dpi: int = 80) -> bytes:
+    """PNG bytes of a figure (what the widgets put into their ``ipywidgets.Image``)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def train_source_live(cfg: TrainConfig, chunk: int = 10, output: W.Output | None = None) -> Path:
+    """``train_source`` in resumable chunks of `chunk` iterations, redrawing the loss curve after each.
+
+    The tqdm bar of each chunk shows the progress; the curve goes to `output` (an ``ipywidgets.Output``, shown
+    by the caller) when given. Returns the final checkpoint, exactly as one uninterrupted ``train_source(cfg)``
+    (resumption is exact).
+    """
+    if chunk < 1:
+        raise InputError(f"chunk: must be positive, got {chunk}")
+    log_path = Path(cfg.out) / "log.csv"
+    while True:
+        path = train_source(dataclasses.replace(cfg, stop_after=chunk))
+        if output is not None and log_path.exists():
+            fig = viz.loss_curves(viz.read_log(log_path), ["loss"], title=f"source training ({cfg.split})")
+            output.outputs = ()  # replace the previous curve (works in and outside a kernel)
+            output.append_display_data(fig)
+        if path.name == "model_final.pt":
+            return path
+
+
+def _image_widget() -> W.Image:
+    return W.Image(format="png", layout=W.Layout(max_width="100%"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IAS replay
+
+
+class ThresholdReplay:
+    """IAS thresholds replayed from a pseudo-label folder's ``histograms.parquet`` (no model inference).
+
+    Controls: ``alpha``, ``beta``, ``gamma`` (sliders) and ``instance`` (``"batch"`` / ``"image"``); their initial
+    values are the folder's config. Each change reruns ``replay_ias`` (the histograms are prepared once) and
+    moves the threshold lines; ``thresholds`` ``[n_instances, C]`` and ``selected`` hold the latest replay,
+    ``seconds`` its cost (replay and redraw). ``hard`` classes are drawn bold; ``constant`` as a dashed line.
+    """
+
+    def __init__(self, pseudo_dir: str | os.PathLike, hard: tuple[int, ...] = (), constant: float | None = 0.9):
+        folder = Path(pseudo_dir)
+        summary = load_pseudo_summary(folder)
+        cfg = summary["config"]
+        self.classes = list(summary["classes"])
+        self.num_classes = len(self.classes)
+        self.batch_size = int(cfg.get("batch_size", 2))
+        self.init = float(cfg.get("init", 0.9))
+        path = folder / "histograms.parquet"
+        if not path.exists():
+            raise InputError(f"{path}: no confidence histograms to replay")
+        rows = pd.read_parquet(path)
+        self.hist = ConfidenceHistogram(rows, self.num_classes)
+        self.pixels = int(rows["count"].sum())
+        self.cbst = viz.cbst_from_histograms(rows, self.num_classes, float(cfg.get("cbst_p", 0.2)))
+        style = {"description_width": "60px"}
+        self.alpha = W.FloatSlider(value=float(cfg.get("alpha", 0.2)), min=0.01, max=1.0, step=0.01,
+                                   description="α", continuous_update=False, style=style)  # fmt: skip
+        self.beta = W.FloatSlider(value=float(cfg.get("beta", 0.9)), min=0.0, max=0.99, step=0.01,
+                                  description="β", continuous_update=False, style=style)  # fmt: skip
+        self.gamma = W.FloatSlider(value=float(cfg.get("gamma", 8.0)), min=0.0, max=20.0, step=0.5,
+                                   description="γ", continuous_update=False, style=style)  # fmt: skip
+        self.instance = W.ToggleButtons(options=["batch", "image"], value=str(cfg.get("instance", "batch")),
+                                        description="instance", style=style)  # fmt: skip
+        self.image = _image_widget()
+        self.status = W.HTML()
+        self.thresholds, self.selected = self._replay()
+        self.figure = Figure(figsize=(10, 4.2), layout="constrained")
+        self.ax = self.figure.subplots()
+        self.lines = viz.draw_threshold_curves(self.ax, self.thresholds, self.classes, hard, self.cbst, constant)
+        self.ax.legend(fontsize=7, ncols=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        self.seconds = 0.0
+        self._render()
+        for control in (self.alpha, self.beta, self.gamma, self.instance):
+            control.observe(self._on_change, names="value")
+        self.widget = W.VBox([W.HBox([self.alpha, self.beta, self.gamma]), self.instance, self.status, self.image])
+
+    def _replay(self) -> tuple[np.ndarray, np.ndarray]:
+        return replay_ias(self.hist, self.num_classes, self.alpha.value, self.beta.value, self.gamma.value,
+                          init=self.init, instance=self.instance.value, batch_size=self.batch_size)  # fmt: skip
+
+    def _render(self) -> None:
+        a, b, g = self.alpha.value, self.beta.value, self.gamma.value
+        self.ax.set_title(f"IAS thresholds replayed: α={a:.2f}, β={b:.2f}, γ={g:.1f}, instance={self.instance.value}"
+                          "; dotted: CBST", fontsize=10)  # fmt: skip
+        self.image.value = figure_png(self.figure)
+
+    def _on_change(self, _change=None) -> None:
+        t0 = time.perf_counter()
+        self.thresholds, self.selected = self._replay()
+        x = np.arange(1, self.thresholds.shape[0] + 1)
+        for c, line in enumerate(self.lines):
+            line.set_data(x, self.thresholds[:, c])
+        self.ax.set_xlim(0, x[-1] * 1.08 + 1)
+        self.ax.set_ylim(min(0.0, float(self.thresholds.min()) - 0.02), 1.0)
+        self._render()
+        self.seconds = time.perf_counter() - t0
+        kept = self.selected.sum() / max(self.pixels, 1)
+        self.status.value = f"replay + redraw {1000 * self.seconds:.0f} ms; kept {100 * kept:.1f}% of pixels"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HPLA preview
+
+
+@dataclass
+class HPLASample:
+    """Everything one HPLA preview draws; images uint8 ``[H,W,3]``, labels int64 ``[H,W]`` (255 ignored).
+
+    ``result`` equals ``recipient`` outside the provenance mask (``provenance == 255``) and the donor(s) inside;
+    ``weak``/``strong`` are the teacher's and the student's views of ``result`` and ``weak_label`` /
+    ``weak_provenance`` the label and provenance moved with the weak view's geometry.
+    """
+
+    recipient_name: str
+    recipient: np.ndarray
+    recipient_label: np.ndarray
+    donors: list[tuple[str, np.ndarray, np.ndarray]]  # (name, image, pseudo-label) per paste
+    draws: list[Draw]
+    result: np.ndarray
+    result_label: np.ndarray
+    provenance: np.ndarray
+    weak: np.ndarray
+    weak_label: np.ndarray
+    weak_provenance: np.ndarray
+    strong: np.ndarray
+    strong_ops: list[tuple[str, dict]]
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+
+
+def hpla_preview(
+    hpla: HPLA,
+    target: PseudoLabelledTarget,
+    recipient: int | str,
+    generator: torch.Generator,
+    crop_scale: tuple[float, float] = (0.6, 1.0),
+    crop_ratio: float = 2.0,
+) -> HPLASample:
+    """Apply `hpla` to one target sample and build the weak and strong views of the result, as self-training
+    does (HPLA at full resolution, then flip + random-sized crop, then CCA on the weak view). `recipient` is a
+    dataset index or an image name; the class and donor draws use ``hpla``'s own generator, the views
+    `generator`."""
+    index = target.index_of[recipient] if isinstance(recipient, str) else int(recipient)
+    item = target[index]
+    image, label = item["image"], item["label"]
+    result, result_label, provenance = hpla(image, label)
+    donors = [(d.donor, *target.load(d.donor)) for d in hpla.last_draws]
+    h, w = label.shape
+    weak, weak_label, (weak_prov,) = augment.weak_view(
+        result[None], result_label[None], extra_maps=(provenance[None],), out_size=(h, w),
+        h_range=crop_heights(None, crop_scale, h), ratio=crop_ratio, generator=generator,
+    )  # fmt: skip
+    strong, ops = augment.strong_view(weak, generator=generator, blur_limit=augment.scaled_blur_limit((h, w)))
+    return HPLASample(
+        recipient_name=item["name"],
+        recipient=_hwc(image),
+        recipient_label=label.numpy(),
+        donors=[(name, _hwc(img), lab.numpy()) for name, img, lab in donors],
+        draws=list(hpla.last_draws),
+        result=_hwc(result),
+        result_label=result_label.numpy(),
+        provenance=provenance.numpy(),
+        weak=_hwc(weak[0]),
+        weak_label=weak_label[0].numpy(),
+        weak_provenance=weak_prov[0].numpy(),
+        strong=_hwc(strong[0]),
+        strong_ops=ops[0],
+    )
+
+
+def hpla_preview_figure(sample: HPLASample, classes=CITYSCAPES_CLASSES) -> Figure:
+    """Top row: donor, recipient, result, provenance (pasted class colours); bottom row: their pseudo-labels,
+    the weak view (teacher) and the strong view (student) with the operations that fired."""
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    axes = fig.subplots(2, 4)
+    donor = (
+        sample.donors[0] if sample.donors else ("(no donor)", sample.recipient * 0, sample.recipient_label * 0 + IGNORE)
+    )
+    drawn = ", ".join(f"{classes[d.cls]} from {d.donor}" for d in sample.draws) or "nothing drawn"
+    ops = ", ".join(name for name, _ in sample.strong_ops) or "none"
+    panels = [
+        (f"donor {donor[0]}", donor[1]),
+        (f"recipient {sample.recipient_name}", sample.recipient),
+        ("result (HPLA)", sample.result),
+        ("provenance (pasted classes)", viz.overlay(sample.result * 0 + 40, sample.provenance, 1.0)),
+        ("donor pseudo-label", viz.overlay(donor[1], donor[2], 0.7)),
+        ("recipient pseudo-label", viz.overlay(sample.recipient, sample.recipient_label, 0.7)),
+        ("weak view (teacher)", sample.weak),
+        (f"strong view (student): {ops}", sample.strong),
+    ]
+    for ax, (title, data) in zip(axes.ravel(), panels, strict=True):
+        ax.imshow(data, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"HPLA: drew {drawn}; pasted {', '.join(classes[c] for d in sample.draws for c in d.pasted)}",
+                 fontsize=9)  # fmt: skip
+    return fig
+
+
+class HPLAPreview:
+    """Pick a recipient (``"random"`` or a name) and an HPLA mode; see donor, recipient, result, provenance and
+    the teacher's and student's views. ``draw`` (button) redraws with new random draws; ``sample`` holds the
+    arrays of the latest preview.
+
+    Args:
+        pseudo_dir: a pseudo-label folder (its class values, donors and labels).
+        data_root, dataset, split: where its target images are.
+        num_hard: size of the hard set (SPEC 3.1; 14 in the paper).
+        seed: seed of the draws; each redraw continues the same generators.
+    """
+
+    def __init__(
+        self,
+        pseudo_dir: str | os.PathLike,
+        data_root: str | os.PathLike,
+        dataset: str = "toytown",
+        split: str = "target_train",
+        num_hard: int = 14,
+        seed: int = 0,
+        max_names: int = 50,
+    ):
+        from hias_nb.data import SegDataset
+
+        self.pseudo_dir = Path(pseudo_dir)
+        self.num_hard = num_hard
+        self.target = PseudoLabelledTarget(SegDataset(dataset, data_root, split), self.pseudo_dir)
+        self.classes = list(load_pseudo_summary(self.pseudo_dir)["classes"])
+        self.hpla_generator = torch.Generator().manual_seed(seed)
+        self.view_generator = torch.Generator().manual_seed(seed + 1)
+        names = [s.id for s in self.target.images.samples[:max_names]]
+        self.recipient = W.Dropdown(options=["random", *names], value="random", description="recipient")
+        self.mode = W.ToggleButtons(options=["reference", "intended"], value="reference", description="mode")
+        self.button = W.Button(description="draw again")
+        self.image = _image_widget()
+        self.info = W.HTML()
+        self.hpla = self._build()
+        self.sample: HPLASample | None = None
+        self.draw()
+        self.recipient.observe(lambda _c: self.draw(), names="value")
+        self.mode.observe(self._on_mode, names="value")
+        self.button.on_click(lambda _b: self.draw())
+        self.widget = W.VBox([W.HBox([self.recipient, self.button]), self.mode, self.info, self.image])
+
+    def _build(self) -> HPLA:
+        return build_hpla(self.pseudo_dir, self.target, self.num_hard, (), self.mode.value, 0.1, self.hpla_generator)
+
+    def _on_mode(self, _change=None) -> None:
+        self.hpla = self._build()
+        self.draw()
+
+    def draw(self) -> HPLASample:
+        """Run one preview with the current controls, redraw, and return its arrays."""
+        choice = self.recipient.value
+        if choice == "random":
+            choice = int(torch.randint(len(self.target), (1,), generator=self.hpla_generator))
+        self.sample = hpla_preview(self.hpla, self.target, choice, self.view_generator)
+        fig = hpla_preview_figure(self.sample, self.classes)
+        self.image.value = figure_png(fig, dpi=90)
+        pasted = float((self.sample.provenance != IGNORE).mean())
+        self.info.value = f"{len(self.sample.draws)} donor(s); {100 * pasted:.1f}% of the pixels pasted"
+        return self.sample
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss maps
+
+
+class LossMapExplorer:
+    """Per-pixel loss terms on a batch of pseudo-labelled target images, with a checkbox per term.
+
+    The maps are computed once (``viz.loss_maps``: teacher on the images, student on their strong view); the
+    checkboxes switch a term's λ between its value in `weights` and 0 and the slider picks the image.
+    ``total`` is the weighted total map ``[B,H,W]`` currently drawn; its sum is the total loss of the batch.
+    """
+
+    def __init__(
+        self,
+        student_checkpoint: str | os.PathLike,
+        teacher_checkpoint: str | os.PathLike,
+        target: PseudoLabelledTarget,
+        device: str,
+        weights: dict[str, float] | None = None,
+        indices: tuple[int, ...] = (0, 1, 2, 3),
+        seed: int = 0,
+    ):
+        student, teacher = load_model(student_checkpoint, device), load_model(teacher_checkpoint, device)
+        items = [target[i] for i in indices]
+        images = torch.stack([it["image"] for it in items]).to(device)
+        labels = torch.stack([it["label"] for it in items]).to(device)
+        generator = torch.Generator(device=images.device).manual_seed(seed)
+        self.maps = viz.loss_maps(student, teacher, images, labels, generator=generator)
+        self.weights = dict(weights or {"ce": 1.0, "kld": 0.1, "entropy": 1.0, "consistency": 0.5})
+        self.checks = {t: W.Checkbox(value=True, description=f"{t} (λ={self.weights.get(t, 0.0):g})")
+                       for t in viz.LOSS_TERMS}  # fmt: skip
+        self.index = W.IntSlider(value=0, min=0, max=len(indices) - 1, description="image")
+        self.image = _image_widget()
+        self.total = np.zeros_like(self.maps["ce"])
+        self.redraw()
+        for control in (*self.checks.values(), self.index):
+            control.observe(lambda _c: self.redraw(), names="value")
+        self.widget = W.VBox([W.HBox(list(self.checks.values())), self.index, self.image])
+
+    def active_weights(self) -> dict[str, float]:
+        return {t: (self.weights.get(t, 0.0) if box.value else 0.0) for t, box in self.checks.items()}
+
+    def redraw(self) -> np.ndarray:
+        weights = self.active_weights()
+        self.total = viz.total_loss_map(self.maps, weights)
+        self.image.value = figure_png(viz.loss_map_figure(self.maps, self.index.value, weights), dpi=80)
+        return self.total
+
+
+def read_round_config(run_dir: str | os.PathLike, k: int = 1) -> dict:
+    """The saved config of round `k` of a demo run (``round_k/train/config.yaml``) as a dict."""
+    import yaml
+
+    path = Path(run_dir) / f"round_{k}" / "train" / "config.yaml"
+    if not path.exists():
+        raise InputError(f"{path}: no round config")
+    return yaml.safe_load(path.read_text())

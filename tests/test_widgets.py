@@ -1,0 +1,174 @@
+"""hias_nb.widgets driven from code: setting a control's ``.value`` runs the widget's callback in the kernel, so
+the tests assert on the data the widget computed and drew."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hias_nb import viz, widgets
+from hias_nb.classes import IGNORE
+from hias_nb.data import SegDataset
+from hias_nb.errors import InputError
+from hias_nb.hpla import HPLA
+from hias_nb.models import DeepLabV2, save_checkpoint
+from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
+from hias_nb.selectors import IAS, replay_ias
+from hias_nb.self_train import PseudoLabelledTarget
+from hias_nb.train import TrainConfig
+
+C = 19
+
+
+@pytest.fixture(scope="module")
+def model_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "model.pt"
+    model = DeepLabV2("resnet10t", num_classes=C, aspp_rates=(1, 2))
+    with torch.no_grad():  # spread the head's logits: confident, varied predictions
+        for conv in model.aspp.conv2d_list:
+            conv.weight.mul_(30)
+    save_checkpoint(path, model)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pseudo_dir(tiny_toytown, model_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pl") / "pseudo"
+    cfg = PseudoLabelConfig(out=str(out), checkpoint=str(model_ckpt), data_root=str(tiny_toytown), alpha=0.5,
+                            progress=False, device="cpu")  # fmt: skip
+    return generate_pseudo_labels(cfg)
+
+
+@pytest.fixture(scope="module")
+def argmax_dir(tiny_toytown, model_ckpt, tmp_path_factory):
+    """Pseudo-labels that keep every argmax pixel: every predicted class has donors for HPLA."""
+    out = tmp_path_factory.mktemp("pl") / "argmax"
+    cfg = PseudoLabelConfig(out=str(out), checkpoint=str(model_ckpt), data_root=str(tiny_toytown), policy="none",
+                            progress=False, device="cpu")  # fmt: skip
+    return generate_pseudo_labels(cfg)
+
+
+def test_threshold_replay_matches_ias_and_redraws(pseudo_dir, tiny_toytown, model_ckpt):
+    w = widgets.ThresholdReplay(pseudo_dir, hard=(5, 6))
+    # the replay at the folder's settings is the IAS history written during generation
+    np.testing.assert_array_equal(w.thresholds, viz.threshold_matrix(pseudo_dir))
+    before_png = w.image.value
+    before = w.lines[0].get_ydata().copy()
+    w.alpha.value = 0.1
+    assert w.image.value != before_png
+    expected, _ = replay_ias(pd.read_parquet(pseudo_dir / "histograms.parquet"), C, 0.1, 0.9, 8.0, batch_size=2)
+    np.testing.assert_array_equal(w.thresholds, expected)
+    np.testing.assert_array_equal(w.lines[0].get_ydata(), expected[:, 0])
+    assert not np.array_equal(before, w.lines[0].get_ydata())
+    assert w.seconds < 1.0  # replay + redraw (< 0.2 s on an idle machine; shared CPUs here)
+    w.instance.value = "image"
+    assert w.thresholds.shape == (24, C)  # one instance per image of the tiny target-train split
+    # independent check: IAS run image by image on the model's own outputs gives the same thresholds
+    from hias_nb.evaluate import predict_probs
+    from hias_nb.io import read_json
+    from hias_nb.train import load_model
+
+    ds = SegDataset("toytown", tiny_toytown, "target_train")
+    index = {s.id: i for i, s in enumerate(ds.samples)}
+    order = read_json(pseudo_dir / "summary.json")["order"]
+    images = torch.stack([ds[index[name]]["image"] for name in order])
+    conf, pred = predict_probs(load_model(model_ckpt, "cpu").eval(), images).max(1)
+    ias = IAS(C, alpha=0.1, beta=0.9, gamma=8.0, instance="image")
+    ias.update(conf, pred)
+    np.testing.assert_array_equal(w.thresholds[-1], ias.thresholds.numpy())
+    w.gamma.value = 2.0
+    assert "kept" in w.status.value
+
+
+def test_hpla_preview_arrays_are_consistent(argmax_dir, pseudo_dir, tiny_toytown):
+    from hias_nb.self_train import build_hpla
+
+    images = SegDataset("toytown", tiny_toytown, "target_train")
+    # edge case (SPEC B4): no hard class has donors, so nothing can be drawn and nothing is pasted
+    target = PseudoLabelledTarget(images, pseudo_dir)
+    hpla = HPLA([3, 4], np.full(C, 1 / C), {}, target.load)
+    s = widgets.hpla_preview(hpla, target, 0, torch.Generator().manual_seed(1))
+    assert s.draws == [] and s.donors == [] and (s.provenance == IGNORE).all()
+    np.testing.assert_array_equal(s.result, s.recipient)
+    assert len(widgets.hpla_preview_figure(s).axes) == 8
+
+    target = PseudoLabelledTarget(images, argmax_dir)
+    for mode in ("reference", "intended"):
+        hpla = build_hpla(argmax_dir, target, 14, (), mode, 0.1, torch.Generator().manual_seed(3))
+        for recipient in (0, 5):
+            s = widgets.hpla_preview(hpla, target, recipient, torch.Generator().manual_seed(1))
+            pasted = s.provenance != IGNORE
+            assert len(s.draws) >= 1 and (mode == "intended" or len(s.draws) == 1)
+            assert pasted.any()
+            np.testing.assert_array_equal(s.result[~pasted], s.recipient[~pasted])
+            np.testing.assert_array_equal(s.result_label[~pasted], s.recipient_label[~pasted])
+            np.testing.assert_array_equal(s.result_label[pasted], s.provenance[pasted])
+            last_name, last_image, last_label = s.donors[-1]
+            from_last = pasted & np.isin(last_label, hpla.hard.numpy())
+            np.testing.assert_array_equal(s.result[from_last], last_image[from_last])  # the last paste wins
+            if mode == "reference":
+                np.testing.assert_array_equal(s.result[pasted], last_image[pasted])
+            assert set(np.unique(s.provenance[pasted])) <= set(hpla.hard.tolist())
+            assert s.weak.shape == s.strong.shape == s.result.shape
+            # the weak view moved label and provenance together: pasted pixels keep their pasted class
+            wp = s.weak_provenance != IGNORE
+            np.testing.assert_array_equal(s.weak_label[wp], s.weak_provenance[wp])
+
+
+def test_hpla_preview_widget_controls(argmax_dir, tiny_toytown):
+    w = widgets.HPLAPreview(argmax_dir, tiny_toytown, seed=0)
+    assert w.sample is not None and w.image.value
+    name = w.recipient.options[3]
+    w.recipient.value = name
+    assert w.sample.recipient_name == name
+    w.mode.value = "intended"
+    assert w.hpla.mode == "intended" and w.sample.recipient_name == name
+    png = w.image.value
+    w.button.click()
+    assert w.image.value != png or w.sample.draws  # redrawn with new draws
+    assert "donor" in w.info.value
+
+
+def test_loss_map_explorer_checkboxes(pseudo_dir, tiny_toytown, model_ckpt):
+    target = PseudoLabelledTarget(SegDataset("toytown", tiny_toytown, "target_train"), pseudo_dir)
+    w = widgets.LossMapExplorer(model_ckpt, model_ckpt, target, "cpu", indices=(0, 1))
+    s = w.maps["scalars"]
+    full = 1.0 * s["ce"] + 0.1 * s["kld"] + 1.0 * s["entropy"] + 0.5 * s["consistency"]
+    assert w.total.sum() == pytest.approx(full, rel=1e-4)
+    before = w.total.copy()
+    w.checks["ce"].value = False
+    np.testing.assert_allclose(w.total, before - w.maps["ce"], atol=1e-9)
+    assert w.active_weights()["ce"] == 0.0
+    png = w.image.value
+    w.index.value = 1
+    assert w.image.value != png
+
+
+def test_resolve_run(tmp_path):
+    with pytest.raises(InputError, match="report.json"):
+        widgets.resolve_run(tmp_path / "nowhere", quick=True)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.json").write_text("{}")
+    assert widgets.resolve_run(tmp_path / "r", quick=True) == tmp_path / "r"
+    (tmp_path / "runs" / "demo_quick").mkdir(parents=True)
+    (tmp_path / "runs" / "demo_quick" / "report.json").write_text("{}")
+    assert widgets.resolve_run(None, quick=True, runs_root=tmp_path / "runs") == tmp_path / "runs" / "demo_quick"
+
+
+@pytest.mark.slow
+def test_train_source_live_draws_curve_and_finishes(tiny_toytown, tmp_path):
+    import ipywidgets as W
+
+    cfg = TrainConfig(out=str(tmp_path / "src"), data_root=str(tiny_toytown), iterations=4, batch_size=2,
+                      aspp_rates=(1, 2), warmup=0, progress=False, device="cpu")  # fmt: skip
+    out = W.Output()
+    path = widgets.train_source_live(cfg, chunk=3, output=out)
+    assert path.name == "model_final.pt" and path.exists()
+    log = viz.read_log(tmp_path / "src" / "log.csv")
+    assert log["iteration"].tolist() == [1, 2, 3, 4]
+    assert len(out.outputs) == 1  # cleared and redrawn after each chunk
+    with pytest.raises(InputError):
+        widgets.train_source_live(cfg, chunk=0)
