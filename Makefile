@@ -21,3 +21,9 @@ test: $(UV)
 
 lint: $(UV)
 	$(UV) run --extra test ruff check .
+
+.PHONY: notebooks
+
+# The notebook series (notebooks/01_* ... 06_*), opened in JupyterLab
+notebooks: $(UV)
+	$(UV) run jupyter lab notebooks/

@@ -26,7 +26,7 @@ from hias_nb import augment, losses
 from hias_nb.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE, colorize
 from hias_nb.data import SegDataset, list_manifests, load_manifest
 from hias_nb.errors import InputError
-from hias_nb.evaluate import evaluate, predict_probs, stage_entry
+from hias_nb.evaluate import EvalResult, evaluate, predict_probs, stage_entry
 from hias_nb.io import atomic_path, read_label, read_rgb
 from hias_nb.pseudo_label import summary_table
 from hias_nb.selectors import NUM_CODES
@@ -72,6 +72,7 @@ __all__ = [
     # notebook 5
     "stage_checkpoints",
     "stage_confusions",
+    "checkpoint_report",
     "confusion_figure",
     "prediction_gallery",
     "gap_table",
@@ -769,6 +770,17 @@ def stage_confusions(
         name: evaluate(load_model(path, device), dataset, protocol, device, progress=False).matrix
         for name, path in checkpoints.items()
     }
+
+
+def checkpoint_report(
+    checkpoints: dict[str, os.PathLike | str], dataset, device: str, max_images: int | None = None
+) -> dict:
+    """Evaluate checkpoints on `dataset` (its first ``max_images`` items when given); a report-like dict
+    (``protocol``, ``classes``, one stage per checkpoint) for ``stage_iou_bars`` and ``report_table``."""
+    matrices = stage_confusions({k: Path(v) for k, v in checkpoints.items()}, dataset, device, max_images)
+    protocol = dataset.protocol
+    stages = [stage_entry(name, EvalResult(protocol, m, 0.0)) for name, m in matrices.items()]
+    return {"protocol": protocol.name, "classes": list(protocol.classes), "stages": stages}
 
 
 def confusion_figure(matrices: dict[str, np.ndarray], classes: Sequence[str]) -> Figure:

@@ -30,11 +30,12 @@ from matplotlib.figure import Figure
 
 from hias_nb import augment, viz
 from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
+from hias_nb.config import load_config
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA, Draw
 from hias_nb.pseudo_label import load_pseudo_summary
 from hias_nb.selectors import ConfidenceHistogram, replay_ias
-from hias_nb.self_train import PseudoLabelledTarget, build_hpla
+from hias_nb.self_train import PseudoLabelledTarget, SelfTrainConfig, build_hpla
 from hias_nb.train import TrainConfig, crop_heights, load_model, train_source
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
     "hpla_preview_figure",
     "HPLAPreview",
     "LossMapExplorer",
-    "read_round_config",
+    "round_config",
 ]
 
 
@@ -399,11 +400,9 @@ class LossMapExplorer:
         return self.total
 
 
-def read_round_config(run_dir: str | os.PathLike, k: int = 1) -> dict:
-    """The saved config of round `k` of a demo run (``round_k/train/config.yaml``) as a dict."""
-    import yaml
-
+def round_config(run_dir: str | os.PathLike, k: int = 1) -> SelfTrainConfig:
+    """The saved, resolved config of round `k` of a demo run (``round_k/train/config.yaml``)."""
     path = Path(run_dir) / f"round_{k}" / "train" / "config.yaml"
     if not path.exists():
-        raise InputError(f"{path}: no round config")
-    return yaml.safe_load(path.read_text())
+        raise InputError(f"{path}: no config of round {k} here")
+    return load_config(SelfTrainConfig, path)

@@ -290,6 +290,14 @@ def test_confusions_figure_rows_sum_to_one(tiny_toytown, model_ckpt):
     shown = fig.axes[0].images[0].get_array()
     rows = mats["a"].sum(1) > 0
     np.testing.assert_allclose(np.asarray(shown).sum(1)[rows], 1.0)
+    report = viz.checkpoint_report({"a": model_ckpt, "b": model_ckpt}, ds, "cpu", max_images=2)
+    from hias_nb.metrics import iou_per_class
+
+    assert [s["name"] for s in report["stages"]] == ["a", "b"]
+    expected = iou_per_class(mats["a"])
+    got = [report["stages"][0]["per_class"][c] for c in CITYSCAPES_CLASSES]
+    assert [g is None for g in got] == [e is None for e in expected]
+    assert [g for g in got if g is not None] == pytest.approx([e for e in expected if e is not None], abs=0.006)
     gallery = viz.prediction_gallery({"a": model_ckpt}, ds, [0, 1], "cpu")
     assert len(gallery.axes) == 2 * 3
 

@@ -158,6 +158,17 @@ def test_resolve_run(tmp_path):
     assert widgets.resolve_run(None, quick=True, runs_root=tmp_path / "runs") == tmp_path / "runs" / "demo_quick"
 
 
+def test_round_config_reads_the_saved_config(tmp_path):
+    from hias_nb.runs import prepare_run_dir
+    from hias_nb.self_train import SelfTrainConfig
+
+    cfg = SelfTrainConfig(out="x", lambda_ent=0.25, crop_scale=(0.5, 1.0), ignored_classes=(9, 14, 16))
+    prepare_run_dir(tmp_path / "round_2" / "train", cfg)
+    assert widgets.round_config(tmp_path, 2) == cfg
+    with pytest.raises(InputError, match="round 1"):
+        widgets.round_config(tmp_path, 1)
+
+
 @pytest.mark.slow
 def test_train_source_live_draws_curve_and_finishes(tiny_toytown, tmp_path):
     import ipywidgets as W
