@@ -23,7 +23,7 @@ from hias_nb.io import atomic_path
 __all__ = ["prepare_run_dir", "save_state", "load_state", "CsvLog", "resolve_device"]
 
 # Keys that may change between an interrupted run and its resumption without changing the result.
-_RESUME_FREE = {"device", "num_workers", "progress", "stop_after"}
+_RESUME_FREE = {"out", "device", "num_workers", "progress", "stop_after"}  # "out": a moved run still resumes
 
 
 def prepare_run_dir(out: str | Path, cfg: Any) -> Path:
