@@ -54,6 +54,8 @@ class DemoConfig:
     ema_gamma: float = 0.99  # the paper's 0.999 suits 8000-iteration rounds; ours are ~30× shorter
     policy: str = "ias"
     hpla: bool = True
+    hpla_mode: str = "reference"
+    strong: bool = True  # the student's CCA strong view
     lambda_kld: float = 0.1
     lambda_ent: float = 1.0
     lambda_cst: float = 0.5
@@ -148,6 +150,8 @@ def run_demo(
                 head_lr_mult=cfg.round_head_lr_mult,
                 ema_gamma=cfg.ema_gamma,
                 hpla=cfg.hpla,
+                hpla_mode=cfg.hpla_mode,
+                strong=cfg.strong,
                 lambda_kld=cfg.lambda_kld,
                 lambda_ent=cfg.lambda_ent,
                 lambda_cst=cfg.lambda_cst,
