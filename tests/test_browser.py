@@ -276,6 +276,8 @@ def test_notebook02_replay_widget_redraws(page: Page, lab: LabServer, notebook02
         assert errors.count() == 0, f"error outputs in {notebook02.name}:\n" + "\n".join(
             errors.all_inner_texts()
         )
+        figure_reprs = page.locator(".jp-OutputArea-output", has_text=re.compile(r"^<Figure size"))
+        assert figure_reprs.count() == 0, f"{notebook02.name}: a figure's repr is shown instead of the image"
         page.locator(".jp-Notebook .jupyter-widgets.widget-slider").first.wait_for(
             state="visible", timeout=30_000
         )

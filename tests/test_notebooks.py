@@ -107,4 +107,13 @@ def test_notebook_executes_quick(path: Path, quick_run: Path, tmp_path: Path):
     assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code"), (
         f"{path.name}: no output at all"
     )
-    assert path.read_bytes() == committed, f"{path.name}: the committed notebook changed during execution"
+    unrendered = [
+        i
+        for i, c in enumerate(executed.cells)
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if str(o.get("data", {}).get("text/plain", "")).startswith("<Figure size")
+        and "image/png" not in o.data
+    ]
+    assert not unrendered, f"{path.name}: cells {unrendered} show a figure's repr instead of the image"
+    assert path.read_bytes() == committed, f"{path.name}: the committed notebook changed"
