@@ -352,15 +352,22 @@ def reliability_diagram(table: pd.DataFrame, per_class: pd.DataFrame | None = No
 
 
 def split_iou_report(
-    model: torch.nn.Module, root: str | os.PathLike, splits: Sequence[str], device: str, dataset: str = "toytown"
+    model: torch.nn.Module,
+    root: str | os.PathLike,
+    splits: Sequence[str],
+    device: str,
+    dataset: str = "toytown",
+    max_images: int | None = None,
 ) -> dict:
-    """Evaluate `model` on several splits; a report-like dict (``classes``, ``protocol``, one stage per split)
-    that ``stage_iou_bars`` draws (e.g. source_val vs target_val: the domain gap)."""
+    """Evaluate `model` on several splits (the first ``max_images`` of each when given); a report-like dict
+    (``classes``, ``protocol``, one stage per split) that ``stage_iou_bars`` draws (e.g. source_val vs
+    target_val: the domain gap)."""
     stages, protocol = [], None
     for split in splits:
         ds = SegDataset(dataset, root, split)
         protocol = ds.protocol
-        stages.append(stage_entry(split, evaluate(model, ds, protocol, device, progress=False)))
+        part = ds if max_images is None else torch.utils.data.Subset(ds, range(min(max_images, len(ds))))
+        stages.append(stage_entry(split, evaluate(model, part, protocol, device, progress=False)))
     return {"protocol": protocol.name, "classes": list(protocol.classes), "stages": stages}
 
 
@@ -692,8 +699,8 @@ def loss_map_figure(maps: dict, index: int = 0, weights: dict[str, float] | None
         _no_ticks(ax)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle("Per-pixel loss contributions (×1e-6; the batch sum of each map is the term in brackets)",
-                 fontsize=10)  # fmt: skip
+    title = "Per-pixel loss contributions (colour: value × 10⁶); each map sums over the batch to the term in brackets"
+    fig.suptitle(title, fontsize=10)
     return fig
 
 

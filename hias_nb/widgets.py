@@ -157,6 +157,7 @@ class ThresholdReplay:
         self.ax.legend(fontsize=7, ncols=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
         self.seconds = 0.0
         self._render()
+        self.figure.set_layout_engine("none")  # freeze the layout: each redraw only moves the lines (faster)
         for control in (self.alpha, self.beta, self.gamma, self.instance):
             control.observe(self._on_change, names="value")
         self.widget = W.VBox([W.HBox([self.alpha, self.beta, self.gamma]), self.instance, self.status, self.image])

@@ -100,6 +100,13 @@ def test_split_iou_report_and_title(tiny_toytown, model_ckpt):
     model = load_model(model_ckpt, "cpu")
     report = viz.split_iou_report(model, tiny_toytown, ["source_val", "target_val"], "cpu")
     assert [s["name"] for s in report["stages"]] == ["source_val", "target_val"]
+    one = viz.split_iou_report(model, tiny_toytown, ["target_val"], "cpu", max_images=1)
+    from hias_nb.data import SegDataset
+    from hias_nb.evaluate import evaluate
+
+    ds = SegDataset("toytown", tiny_toytown, "target_val")
+    direct = evaluate(model, torch.utils.data.Subset(ds, [0]), ds.protocol, "cpu", progress=False)
+    assert one["stages"][0]["miou"] == pytest.approx(direct.miou, abs=0.006)
     fig = viz.stage_iou_bars(report, title="domain gap")
     assert fig.axes[0].get_title() == "domain gap"
 
