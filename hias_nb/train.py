@@ -359,4 +359,4 @@ def load_model(checkpoint: str | Path, device: str, num_classes: int | None = No
         raise InputError(f"{checkpoint}: num_classes is {meta['num_classes']}, expected {num_classes}")
     model = DeepLabV2(meta["backbone"], num_classes=meta["num_classes"], aspp_rates=tuple(meta["aspp_rates"]))
     load_checkpoint(model, checkpoint, strict=True)
-    return model.to(device)
+    return model.to(device).eval()  # callers that train switch it back with .train()
