@@ -12,22 +12,9 @@ import torch
 
 from hias_nb.errors import InputError
 from hias_nb.io import read_label
-from hias_nb.models import DeepLabV2, save_checkpoint
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels, summary_table
 from hias_nb.selectors import ConfidenceHistogram, replay_ias
 from hias_nb.self_train import SelfTrainConfig, self_train
-
-
-@pytest.fixture(scope="module")
-def model_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "model.pt"
-    model = DeepLabV2("resnet10t", num_classes=19, aspp_rates=(1, 2))
-    with torch.no_grad():  # a confident, non-trivial random model: spread the head's logits
-        for conv in model.aspp.conv2d_list:
-            conv.weight.mul_(30)
-    save_checkpoint(path, model)
-    return path
 
 
 def _pl(root, ckpt, out, **kw) -> PseudoLabelConfig:

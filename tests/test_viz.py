@@ -13,31 +13,10 @@ from hias_nb import losses, viz
 from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
 from hias_nb.errors import InputError
 from hias_nb.io import read_label
-from hias_nb.models import DeepLabV2, load_checkpoint, save_checkpoint
-from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
+from hias_nb.models import DeepLabV2, load_checkpoint
 from hias_nb.selectors import CBST, IAS, confidence_histograms, replay_ias
 
 C = 19
-
-
-@pytest.fixture(scope="module")
-def model_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "model.pt"
-    model = DeepLabV2("resnet10t", num_classes=C, aspp_rates=(1, 2))
-    with torch.no_grad():  # spread the head's logits: confident, varied predictions
-        for conv in model.aspp.conv2d_list:
-            conv.weight.mul_(30)
-    save_checkpoint(path, model)
-    return path
-
-
-@pytest.fixture(scope="module")
-def pseudo_dir(tiny_toytown, model_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pl") / "pseudo"
-    cfg = PseudoLabelConfig(out=str(out), checkpoint=str(model_ckpt), data_root=str(tiny_toytown), alpha=0.5,
-                            progress=False, device="cpu")  # fmt: skip
-    return generate_pseudo_labels(cfg)
 
 
 def _random_stream(seed: int, n: int = 6, h: int = 8, w: int = 10):

@@ -13,33 +13,12 @@ from hias_nb.classes import IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA
-from hias_nb.models import DeepLabV2, save_checkpoint
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
 from hias_nb.selectors import IAS, replay_ias
 from hias_nb.self_train import PseudoLabelledTarget
 from hias_nb.train import TrainConfig
 
 C = 19
-
-
-@pytest.fixture(scope="module")
-def model_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "model.pt"
-    model = DeepLabV2("resnet10t", num_classes=C, aspp_rates=(1, 2))
-    with torch.no_grad():  # spread the head's logits: confident, varied predictions
-        for conv in model.aspp.conv2d_list:
-            conv.weight.mul_(30)
-    save_checkpoint(path, model)
-    return path
-
-
-@pytest.fixture(scope="module")
-def pseudo_dir(tiny_toytown, model_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pl") / "pseudo"
-    cfg = PseudoLabelConfig(out=str(out), checkpoint=str(model_ckpt), data_root=str(tiny_toytown), alpha=0.5,
-                            progress=False, device="cpu")  # fmt: skip
-    return generate_pseudo_labels(cfg)
 
 
 @pytest.fixture(scope="module")
