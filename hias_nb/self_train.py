@@ -41,6 +41,8 @@ from hias_nb.train import (
     load_model,
     lr_factor,
     make_optimizer,
+    save_due,
+    set_lr,
 )
 
 __all__ = ["SelfTrainConfig", "PseudoLabelledTarget", "self_training_step", "self_train", "build_hpla"]
@@ -282,9 +284,7 @@ def self_train(cfg: SelfTrainConfig) -> Path:
                 imgs[b], labels[b], provenance[b] = hpla(imgs[b], labels[b])
         imgs, labels, provenance = imgs.to(device), labels.to(device), provenance.to(device)
 
-        f = lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup)
-        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = lr * f
+        f = set_lr(opt, base_lrs, lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup))
         loss, terms = self_training_step(net, teacher, imgs, labels, provenance, cfg, gen, device)
         if not np.isfinite(terms["loss"]):
             raise RuntimeError(f"iteration {it}: loss is {terms['loss']}; terms {terms}")
@@ -305,7 +305,7 @@ def self_train(cfg: SelfTrainConfig) -> Path:
                     "seconds": round(time.perf_counter() - t0, 2),
                 }
             )
-        if distributed.is_main() and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 in (stop, cfg.iterations)):
+        if distributed.is_main() and save_due(it + 1, cfg.checkpoint_every, stop):
             save_state(
                 out / "state.pt",
                 {

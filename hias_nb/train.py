@@ -37,6 +37,8 @@ __all__ = [
     "build_model",
     "make_optimizer",
     "lr_factor",
+    "set_lr",
+    "save_due",
     "InfiniteSampler",
     "recalibrate_bn",
     "ema_update",
@@ -126,6 +128,19 @@ def lr_factor(it: int, total: int, schedule: str, warmup: int = 0, min_factor: f
     if schedule == "poly":
         return max((1 - t) ** 0.9, min_factor)
     return 1.0
+
+
+def set_lr(opt: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> float:
+    """Set every parameter group's lr to its base lr × `factor` (the schedule); returns `factor`."""
+    for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+        g["lr"] = lr * factor
+    return factor
+
+
+def save_due(done: int, every: int, stop: int) -> bool:
+    """Whether to write the resumable state after `done` iterations: every `every`, and where this session stops
+    (the end of the run or `stop_after`)."""
+    return done % every == 0 or done == stop
 
 
 class InfiniteSampler(torch.utils.data.Sampler[int]):
@@ -253,9 +268,7 @@ def train_source(cfg: TrainConfig) -> Path:
         )
         if cfg.photometric > 0:
             images = augment.photometric(images, generator=gen, strength=cfg.photometric)
-        f = lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup)
-        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = lr * f
+        f = set_lr(opt, base_lrs, lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup))
         with autocast_context(device, cfg.amp):
             logits = net(augment.normalize(images))
         loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
@@ -276,7 +289,7 @@ def train_source(cfg: TrainConfig) -> Path:
                     "seconds": round(time.perf_counter() - t0, 2),
                 }
             )
-        if distributed.is_main() and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 in (stop, cfg.iterations)):
+        if distributed.is_main() and save_due(it + 1, cfg.checkpoint_every, stop):
             save_state(
                 out / "state.pt",
                 {

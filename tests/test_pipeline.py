@@ -125,7 +125,7 @@ def test_self_training_round_resumes_exactly(tiny_toytown, model_ckpt, tmp_path)
 def test_demo_end_to_end_tiny(tiny_toytown, tmp_path, capsys):
     from hias_nb.demo import run_demo
 
-    report = run_demo(
+    tiny = dict(
         quick=True,
         out=str(tmp_path / "demo"),
         data_root=str(tiny_toytown),
@@ -136,6 +136,7 @@ def test_demo_end_to_end_tiny(tiny_toytown, tmp_path, capsys):
         batch_size=4,
         rounds=2,
     )
+    report = run_demo(**tiny)
     names = [s["name"] for s in report["stages"]]
     assert names == ["source_only", "source_only_adabn", "round_1", "round_2"]
     assert (tmp_path / "demo" / "report.json").exists() and (tmp_path / "demo" / "per_class_iou.png").exists()
@@ -145,15 +146,5 @@ def test_demo_end_to_end_tiny(tiny_toytown, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "round_2" in out and "mIoU" in out
     # a second run finds every stage finished and reproduces the same report
-    again = run_demo(
-        quick=True,
-        out=str(tmp_path / "demo"),
-        data_root=str(tiny_toytown),
-        images=24,
-        size=(32, 64),
-        source_iterations=6,
-        round_iterations=4,
-        batch_size=4,
-        rounds=2,
-    )
+    again = run_demo(**tiny)
     assert [s["miou"] for s in again["stages"]] == [s["miou"] for s in report["stages"]]
