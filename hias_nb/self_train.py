@@ -34,13 +34,14 @@ from hias_nb.models import checkpoint_meta, freeze_bn, save_checkpoint
 from hias_nb.pseudo_label import load_pseudo_summary
 from hias_nb.runs import CsvLog, load_state, prepare_run_dir, resolve_device, save_state
 from hias_nb.train import (
-    InfiniteSampler,
     autocast_context,
     crop_heights,
     ema_update,
+    infinite_loader,
     load_model,
     lr_factor,
     make_optimizer,
+    make_scaler,
     save_due,
     set_lr,
 )
@@ -238,6 +239,7 @@ def self_train(cfg: SelfTrainConfig) -> Path:
     freeze_bn(student, cfg.freeze_bn)
     opt = make_optimizer(student, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]  # before a resumed state overwrites them
+    scaler = make_scaler(device, cfg.amp)
     teacher = copy.deepcopy(student)  # SPEC 1.1: a copy of the student at the start of the round
     start = 0
     state = load_state(out / "state.pt")
@@ -245,6 +247,7 @@ def self_train(cfg: SelfTrainConfig) -> Path:
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         gen.set_state(state["generator"])
         cpu_gen.set_state(state["cpu_generator"])
         start = int(state["iteration"])
@@ -255,14 +258,7 @@ def self_train(cfg: SelfTrainConfig) -> Path:
     net = student
     if world > 1:
         net = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(student))
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=cfg.amp and device.startswith("cuda") and not torch.cuda.is_bf16_supported()
-    )
-
-    sampler = InfiniteSampler(len(target), cfg.seed, start * cfg.batch_size)
-    loader = iter(
-        torch.utils.data.DataLoader(target, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True)
-    )
+    loader = iter(infinite_loader(target, cfg.batch_size // world, cfg.seed, start * cfg.batch_size, 0, device))
     log = CsvLog(out / "log.csv", resume_from=start) if distributed.is_main() else None
     net.train()
     freeze_bn(student, cfg.freeze_bn)
@@ -312,6 +308,7 @@ def self_train(cfg: SelfTrainConfig) -> Path:
                     "student": student.state_dict(),
                     "teacher": teacher.state_dict(),
                     "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "generator": gen.get_state(),
                     "cpu_generator": cpu_gen.get_state(),
                     "iteration": it + 1,

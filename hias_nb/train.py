@@ -44,6 +44,8 @@ __all__ = [
     "ema_update",
     "autocast_context",
     "load_model",
+    "make_scaler",
+    "infinite_loader",
     "crop_heights",
 ]
 
@@ -183,11 +185,15 @@ def crop_heights(pixels: tuple[int, int] | None, scale: tuple[float, float], in_
     return lo, hi
 
 
-def _needs_scaler(device: str, amp: bool) -> bool:
-    return amp and device.startswith("cuda") and not torch.cuda.is_bf16_supported()
+def make_scaler(device: str, amp: bool) -> torch.amp.GradScaler:
+    """A loss scaler, enabled only where autocast runs in fp16 (CUDA without bf16)."""
+    return torch.amp.GradScaler(
+        "cuda", enabled=amp and device.startswith("cuda") and not torch.cuda.is_bf16_supported()
+    )
 
 
-def _loader(ds, batch: int, seed: int, start: int, workers: int, device: str):
+def infinite_loader(ds, batch: int, seed: int, start: int, workers: int, device: str):
+    """Endless batches over `ds` in `InfiniteSampler` order, starting `start` samples in (for resumption)."""
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch,
@@ -225,7 +231,7 @@ def train_source(cfg: TrainConfig) -> Path:
         print(describe_init(model))
     opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]  # before a resumed state overwrites them
-    scaler = torch.amp.GradScaler("cuda", enabled=_needs_scaler(device, cfg.amp))
+    scaler = make_scaler(device, cfg.amp)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
 
     start = 0
@@ -242,7 +248,7 @@ def train_source(cfg: TrainConfig) -> Path:
     if world > 1:
         net = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model))
 
-    loader = _loader(ds, cfg.batch_size // world, cfg.seed, start * cfg.batch_size, cfg.num_workers, device)
+    loader = infinite_loader(ds, cfg.batch_size // world, cfg.seed, start * cfg.batch_size, cfg.num_workers, device)
     image_hw = tuple(ds[0]["image"].shape[-2:])
     out_hw = tuple(cfg.crop_size) if cfg.crop_size else image_hw
     h_range = crop_heights(cfg.crop_height_range, cfg.crop_scale, image_hw[0])
