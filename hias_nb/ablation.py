@@ -22,14 +22,12 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from hias_nb.data import SegDataset
-from hias_nb.demo import _evaluated, demo_config, run_demo
+from hias_nb.demo import adabn_checkpoint, demo_config, evaluate_stage, run_demo
 from hias_nb.io import atomic_path
-from hias_nb.models import save_checkpoint
 from hias_nb.runs import resolve_device
-from hias_nb.train import TrainConfig, load_model, recalibrate_bn, train_source
+from hias_nb.train import TrainConfig, load_model, train_source
 
 __all__ = ["VARIANTS", "run_ablation", "ablation_table"]
 
@@ -69,16 +67,9 @@ def _control(seed_dir: Path, cfg, device: str) -> list[dict]:
         )
     )
     val = SegDataset("toytown", cfg.data_root, "target_val")
-    entries = [_evaluated(out / "eval.json", "control", load_model(ckpt, device), val, device)]
-    adabn = out / "adabn.pt"
-    if not adabn.exists():
-        model = load_model(ckpt, device)
-        loader = torch.utils.data.DataLoader(
-            SegDataset("toytown", cfg.data_root, "target_train"), batch_size=cfg.batch_size
-        )
-        recalibrate_bn(model, (b["image"] for b in loader), device)
-        save_checkpoint(adabn, model, {"adabn": "target_train"})
-    entries.append(_evaluated(out / "eval_adabn.json", "control_adabn", load_model(adabn, device), val, device))
+    entries = [evaluate_stage(out / "eval.json", "control", load_model(ckpt, device), val, device)]
+    adabn = adabn_checkpoint(ckpt, out / "adabn.pt", cfg.data_root, cfg.batch_size, device)
+    entries.append(evaluate_stage(out / "eval_adabn.json", "control_adabn", load_model(adabn, device), val, device))
     return entries
 
 

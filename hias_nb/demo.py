@@ -25,13 +25,13 @@ from hias_nb.data import SegDataset
 from hias_nb.data.toytown import ensure_toytown
 from hias_nb.evaluate import EvalResult, evaluate, report_table, stage_entry, write_report
 from hias_nb.io import read_json, write_json
-from hias_nb.models import save_checkpoint
+from hias_nb.models import checkpoint_meta, save_checkpoint
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
 from hias_nb.runs import resolve_device
 from hias_nb.self_train import SelfTrainConfig, self_train
 from hias_nb.train import TrainConfig, load_model, recalibrate_bn, train_source
 
-__all__ = ["DemoConfig", "demo_config", "run_demo"]
+__all__ = ["DemoConfig", "demo_config", "run_demo", "adabn_checkpoint", "evaluate_stage", "summarise"]
 
 
 @dataclass
@@ -70,7 +70,7 @@ def demo_config(quick: bool, **overrides) -> DemoConfig:
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _evaluated(path: Path, name: str, model, ds, device) -> dict:
+def evaluate_stage(path: Path, name: str, model, ds, device) -> dict:
     """Evaluate once and cache the stage entry as JSON (a resumed demo does not re-evaluate)."""
     if path.exists():
         return read_json(path)
@@ -78,6 +78,17 @@ def _evaluated(path: Path, name: str, model, ds, device) -> dict:
     entry = stage_entry(name, result)
     write_json(path, entry)
     return entry
+
+
+def adabn_checkpoint(source: Path, out: Path, data_root: str, batch_size: int, device: str) -> Path:
+    """`source` with its BatchNorm statistics re-estimated on toytown's target_train (AdaBN), saved to `out`
+    once; a later call finds it and returns at once."""
+    if not out.exists():
+        model = load_model(source, device)
+        loader = torch.utils.data.DataLoader(SegDataset("toytown", data_root, "target_train"), batch_size=batch_size)
+        recalibrate_bn(model, (b["image"] for b in loader), device)
+        save_checkpoint(out, model, {**checkpoint_meta(source), "adabn": "target_train"})
+    return out
 
 
 def run_demo(
@@ -91,7 +102,6 @@ def run_demo(
     """Run every stage (see the module docstring); `overrides` replace `DemoConfig` fields (e.g. in tests)."""
     cfg = demo_config(quick, out=out, data_root=data_root, seed=seed, device=device, **overrides)
     device = resolve_device(cfg.device)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     t0 = time.perf_counter()
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,17 +121,14 @@ def run_demo(
     print("[demo] stage source_only: training on source_train")
     src_ckpt = train_source(dataclasses.replace(base, out=str(out_dir / "source_only")))
     model = load_model(src_ckpt, device)
-    stages.append(_evaluated(out_dir / "source_only" / "eval.json", "source_only", model, val, device))
+    stages.append(evaluate_stage(out_dir / "source_only" / "eval.json", "source_only", model, val, device))
 
     print("[demo] stage source_only_adabn: BatchNorm statistics re-estimated on target_train")
-    adabn_ckpt = out_dir / "source_only_adabn" / "model_final.pt"
-    if not adabn_ckpt.exists():
-        target = SegDataset("toytown", cfg.data_root, "target_train")
-        loader = torch.utils.data.DataLoader(target, batch_size=cfg.batch_size, shuffle=False)
-        recalibrate_bn(model, (b["image"] for b in loader), device)
-        save_checkpoint(adabn_ckpt, model, {**_meta(src_ckpt), "adabn": "target_train"})
+    adabn_ckpt = adabn_checkpoint(
+        src_ckpt, out_dir / "source_only_adabn" / "model_final.pt", cfg.data_root, cfg.batch_size, device
+    )
     model = load_model(adabn_ckpt, device)
-    stages.append(_evaluated(out_dir / "source_only_adabn" / "eval.json", "source_only_adabn", model, val, device))
+    stages.append(evaluate_stage(out_dir / "source_only_adabn" / "eval.json", "source_only_adabn", model, val, device))
 
     students: list[dict] = []
     generator, student = adabn_ckpt, adabn_ckpt  # round 1 starts from the BN-recalibrated source model
@@ -162,10 +169,10 @@ def run_demo(
         )
         teacher_ckpt, student = run / "teacher_final.pt", run / "student_final.pt"
         stages.append(
-            _evaluated(rdir / "eval_teacher.json", f"round_{k}", load_model(teacher_ckpt, device), val, device)
+            evaluate_stage(rdir / "eval_teacher.json", f"round_{k}", load_model(teacher_ckpt, device), val, device)
         )
         students.append(
-            _evaluated(rdir / "eval_student.json", f"round_{k}_student", load_model(student, device), val, device)
+            evaluate_stage(rdir / "eval_student.json", f"round_{k}_student", load_model(student, device), val, device)
         )
         generator = teacher_ckpt  # SPEC 1.1: round k+1's pseudo-labels come from round k's EMA teacher
 
@@ -173,7 +180,7 @@ def run_demo(
         print("[demo] stage oracle: the same model trained on target_train labels (upper reference only)")
         ora_ckpt = train_source(dataclasses.replace(base, out=str(out_dir / "oracle"), split="target_train"))
         model = load_model(ora_ckpt, device)
-        stages.append(_evaluated(out_dir / "oracle" / "eval.json", "oracle", model, val, device))
+        stages.append(evaluate_stage(out_dir / "oracle" / "eval.json", "oracle", model, val, device))
 
     report = write_report(
         out_dir / "report.json",
@@ -219,12 +226,6 @@ def _summary_lines(summary: dict) -> list[str]:
     if "gap_closed" in summary:
         lines.append(f"source_only -> oracle gap closed: {100 * summary['gap_closed']:.0f}%")
     return lines
-
-
-def _meta(ckpt: Path) -> dict:
-    from hias_nb.models import checkpoint_meta
-
-    return checkpoint_meta(ckpt)
 
 
 def _figures(report: dict, out_dir: Path) -> None:
