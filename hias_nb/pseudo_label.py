@@ -146,7 +146,7 @@ def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
             policy.observe(conf, pred)
 
     values = selectors.ClassValues(num_classes, gamma=cfg.class_value_gamma)
-    stats_rows, hist_parts, donors = [], [], {c: [] for c in range(num_classes)}
+    stats_parts, hist_parts, donors = [], [], {c: [] for c in range(num_classes)}
     has_gt = ds.samples[0].label is not None  # diagnostics only: precision/recall of the selection
     for idx in tqdm(batches, desc=f"pseudo-label ({cfg.policy})", disable=not cfg.progress, dynamic_ncols=True):
         items, conf, pred = forward(idx)
@@ -162,44 +162,41 @@ def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
             gt = item["label"].to(device) if has_gt else None
             if gt is not None and gt.shape != lab.shape:
                 gt = None
-            predicted = torch.bincount(pb.flatten(), minlength=num_classes)
             kept = lab != IGNORE
-            selected = torch.bincount(lab[kept], minlength=num_classes)
-            sum_pred = torch.zeros(num_classes, device=device, dtype=torch.float64).index_add_(
-                0, pb.flatten(), cb.flatten().double()
-            )
-            sum_sel = torch.zeros(num_classes, device=device, dtype=torch.float64).index_add_(
-                0, lab[kept], cb[kept].double()
-            )
+            counts = {  # per class [C], computed on the device, moved to the CPU once per image
+                "predicted_pixels": torch.bincount(pb.flatten(), minlength=num_classes),
+                "selected_pixels": torch.bincount(lab[kept], minlength=num_classes),
+                "sum_pred": torch.zeros(num_classes, device=device, dtype=torch.float64).index_add_(
+                    0, pb.flatten(), cb.flatten().double()
+                ),
+                "sum_sel": torch.zeros(num_classes, device=device, dtype=torch.float64).index_add_(
+                    0, lab[kept], cb[kept].double()
+                ),
+            }
             if gt is not None:
-                gt_pixels = torch.bincount(gt[gt != IGNORE], minlength=num_classes)
-                correct = torch.bincount(lab[kept & (lab == gt)], minlength=num_classes)
-            for c in range(num_classes):
-                n_p, n_s = int(predicted[c]), int(selected[c])
-                if n_s:
-                    donors[c].append([item["name"], n_s])
-                if n_p == 0 and (gt is None or int(gt_pixels[c]) == 0):
-                    continue
-                row = {
-                    "image": item["name"],
-                    "class": c,
-                    "predicted_pixels": n_p,
-                    "selected_pixels": n_s,
-                    "mean_conf_predicted": float(sum_pred[c]) / n_p if n_p else float("nan"),
-                    "mean_conf_selected": float(sum_sel[c]) / n_s if n_s else float("nan"),
-                }
-                if gt is not None:
-                    row["gt_pixels"] = int(gt_pixels[c])
-                    row["correct_selected"] = int(correct[c])
-                stats_rows.append(row)
+                counts["gt_pixels"] = torch.bincount(gt[gt != IGNORE], minlength=num_classes)
+                counts["correct_selected"] = torch.bincount(lab[kept & (lab == gt)], minlength=num_classes)
+            per = pd.DataFrame({k: v.cpu().numpy() for k, v in counts.items()})
+            per.insert(0, "class", np.arange(num_classes))
+            per.insert(0, "image", item["name"])
+            for c, n in zip(per["class"], per["selected_pixels"], strict=True):
+                if n:
+                    donors[int(c)].append([item["name"], int(n)])
+            with np.errstate(invalid="ignore", divide="ignore"):  # NaN where a class has no pixels
+                per["mean_conf_predicted"] = per.pop("sum_pred") / per["predicted_pixels"]
+                per["mean_conf_selected"] = per.pop("sum_sel") / per["selected_pixels"]
+            present = per["predicted_pixels"] > 0
+            if gt is not None:
+                present |= per["gt_pixels"] > 0
+            stats_parts.append(per[present])
 
-    pd.DataFrame(stats_rows).to_parquet(tmp / "stats.parquet", index=False)
+    stats = pd.concat(stats_parts, ignore_index=True)
+    stats.to_parquet(tmp / "stats.parquet", index=False)
     pd.concat(hist_parts, ignore_index=True).to_parquet(tmp / "histograms.parquet", index=False)
     if cfg.policy == "ias":
         policy.history.to_parquet(tmp / "thresholds.parquet", index=False)
     thresholds = policy.thresholds
     thresholds = None if thresholds is None else [float(t) for t in torch.as_tensor(thresholds).tolist()]
-    stats = pd.DataFrame(stats_rows)
     totals = (
         stats.groupby("class")[["predicted_pixels", "selected_pixels"]].sum().reindex(range(num_classes), fill_value=0)
     )
