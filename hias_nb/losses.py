@@ -39,6 +39,7 @@ __all__ = [
     "region_regularization",
     "consistency_map",
     "consistency",
+    "hiast_terms",
 ]
 
 NORMALISATIONS: tuple[str, ...] = ("reference", "pixel")
@@ -211,3 +212,52 @@ def consistency(
     terms, mask = _soft_ce_terms(student_logits, teacher_probs, pseudo_label, region, ignore_index)
     count = (terms != 0).sum() if normalisation == "reference" else mask.sum()
     return _safe_divide(terms.sum(), count)
+
+
+def hiast_terms(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    pseudo_label: torch.Tensor,
+    cst_region: str = "ignored",
+    ignore_index: int = 255,
+    normalisation: str = "reference",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four loss terms of one HIAST step, ``(ce, kld, entropy, consistency)``, from one log-softmax.
+
+    Equal to `target_cross_entropy`, `region_regularization` and `consistency` called one by one (a test keeps
+    them equal); the training step uses this because each of those recomputes ``log_softmax`` of the
+    ``[B,C,H,W]`` logits (and its backward), which is a visible share of a small model's step.
+
+    Args:
+        student_logits: ``[B,C,H,W]``, the student on the strong view.
+        teacher_probs: ``[B,C,H,W]`` softmax of the teacher on the weak view; detached here.
+        pseudo_label: int64 ``[B,H,W]``.
+        cst_region, normalisation: as in `consistency` and `region_regularization`.
+    Returns:
+        four float32 (or float64) scalars; a term with an empty region is exactly 0.
+    """
+    _check_choice("normalisation", normalisation, NORMALISATIONS)
+    _check_shapes(student_logits, pseudo_label)
+    if teacher_probs.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_probs must have the student logits' shape {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_probs.shape)}"
+        )
+    num_classes = student_logits.shape[1]
+    log_p = F.log_softmax(_at_least_fp32(student_logits), dim=1)
+    zero = log_p.new_zeros(())
+    confident = pseudo_label != ignore_index
+    n_confident = confident.sum()
+    n_ignored = confident.numel() - n_confident
+    per_class = num_classes if normalisation == "reference" else 1
+
+    picked = log_p.gather(1, pseudo_label.masked_fill(~confident, 0).unsqueeze(1)).squeeze(1)
+    ce = _safe_divide(torch.where(confident, -picked, zero).sum(), n_confident)
+    kld = _safe_divide(torch.where(confident, -log_p.sum(dim=1), zero).sum() / num_classes, n_confident * per_class)
+    entropy_map = -(log_p.exp() * log_p).sum(dim=1)
+    entropy = _safe_divide(torch.where(confident, zero, entropy_map).sum(), n_ignored * per_class)
+
+    mask = region_mask(pseudo_label, cst_region, ignore_index)
+    terms = torch.where(mask.unsqueeze(1), -teacher_probs.detach().to(log_p.dtype) * log_p, zero)
+    count = (terms != 0).sum() if normalisation == "reference" else mask.sum()
+    return ce, kld, entropy, _safe_divide(terms.sum(), count)

@@ -87,6 +87,7 @@ class SelfTrainConfig:
     crop_scale: tuple[float, float] = (0.6, 1.0)  # crop height as a fraction of the input height
     crop_ratio: float = 2.0
     checkpoint_every: int = 100
+    num_workers: int = 0  # DataLoader workers (image reads and HPLA pastes run there)
     stop_after: int | None = None  # leave a resumable state after this many iterations
     seed: int = 0
     device: str = "auto"
@@ -132,6 +133,34 @@ class PseudoLabelledTarget(torch.utils.data.Dataset):
         return {"image": image, "label": label, "name": name, "index": i}
 
 
+class HPLATarget(torch.utils.data.Dataset):
+    """`PseudoLabelledTarget` items with HPLA applied in the data pipeline, as the reference does in its dataset
+    (SPEC 3.5: per sample, at full resolution, before the views), so that with ``num_workers > 0`` the donor
+    reads and pastes run in DataLoader workers, off the training step.
+
+    Keys are ``(position, index)`` pairs (``InfiniteSampler(..., positions=True)``): the paste draws of the
+    sample at stream position p come from a generator seeded by ``(seed, p)``, so they are the same for any
+    worker count and after a resumption. Items add ``provenance`` int64 ``[H,W]`` (pasted class, 255 elsewhere).
+    """
+
+    def __init__(self, target: PseudoLabelledTarget, hpla: HPLA | None, seed: int) -> None:
+        self.target, self.hpla, self.seed = target, hpla, seed
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        position, i = key
+        item = self.target[i]
+        if self.hpla is None:
+            item["provenance"] = torch.full_like(item["label"], IGNORE)
+            return item
+        seed = int(np.random.SeedSequence([self.seed, position]).generate_state(1)[0])
+        self.hpla.generator = torch.Generator().manual_seed(seed)
+        item["image"], item["label"], item["provenance"] = self.hpla(item["image"], item["label"])
+        return item
+
+
 def build_hpla(
     pseudo_dir: str | Path,
     target: PseudoLabelledTarget,
@@ -139,7 +168,7 @@ def build_hpla(
     ignored: tuple[int, ...],
     mode: str,
     drop_fraction: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> HPLA:
     """HPLA for a round, fixed from the round's generation statistics (SPEC 3.1–3.3)."""
     summary = load_pseudo_summary(pseudo_dir)
@@ -182,9 +211,10 @@ def self_training_step(
         logits = student(augment.normalize(strong))  # [B,C,H,W]
     logits = logits.float()
 
-    ce = losses.target_cross_entropy(logits, labels)  # confident region Ωc
-    kld, ent = losses.region_regularization(logits, labels, normalisation=cfg.normalisation)
-    cst = losses.consistency(logits, teacher_probs, labels, region=cfg.cst_region, normalisation=cfg.normalisation)
+    # CE and R_c on the confident region Ωc, R_i on the ignored region Ωig, consistency on `cst_region`
+    ce, kld, ent, cst = losses.hiast_terms(
+        logits, teacher_probs, labels, cfg.cst_region, normalisation=cfg.normalisation
+    )
     loss = cfg.lambda_ce * ce + cfg.lambda_kld * kld + cfg.lambda_ent * ent + cfg.lambda_cst * cst
 
     confident = labels != IGNORE
@@ -221,7 +251,6 @@ def self_train(cfg: SelfTrainConfig) -> Path:
     student = load_model(cfg.init_checkpoint, device, num_classes=images.protocol.num_classes)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
-    cpu_gen = torch.Generator().manual_seed(cfg.seed + 7 + 1000 * distributed.rank())
     hpla = (
         build_hpla(
             cfg.pseudo_dir,
@@ -230,7 +259,7 @@ def self_train(cfg: SelfTrainConfig) -> Path:
             tuple(cfg.ignored_classes),
             cfg.hpla_mode,
             cfg.donor_drop_fraction,
-            cpu_gen,
+            None,  # HPLATarget seeds a generator per sample
         )
         if cfg.hpla
         else None
@@ -249,7 +278,6 @@ def self_train(cfg: SelfTrainConfig) -> Path:
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         gen.set_state(state["generator"])
-        cpu_gen.set_state(state["cpu_generator"])
         start = int(state["iteration"])
         print(f"{out / 'state.pt'}: resuming at iteration {start}/{cfg.iterations}")
     for p in teacher.parameters():
@@ -258,7 +286,12 @@ def self_train(cfg: SelfTrainConfig) -> Path:
     net = student
     if world > 1:
         net = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(student))
-    loader = iter(infinite_loader(target, cfg.batch_size // world, cfg.seed, start * cfg.batch_size, 0, device))
+    pasted = HPLATarget(target, hpla, cfg.seed + 7)
+    loader = iter(
+        infinite_loader(
+            pasted, cfg.batch_size // world, cfg.seed, start * cfg.batch_size, cfg.num_workers, device, positions=True
+        )
+    )
     log = CsvLog(out / "log.csv", resume_from=start) if distributed.is_main() else None
     net.train()
     freeze_bn(student, cfg.freeze_bn)
@@ -273,12 +306,7 @@ def self_train(cfg: SelfTrainConfig) -> Path:
     stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
     for it in range(start, stop):
         batch = next(loader)
-        imgs, labels = batch["image"], batch["label"]
-        provenance = torch.full_like(labels, IGNORE)
-        if hpla is not None:  # per sample, at full resolution, before the views (SPEC 3.5)
-            for b in range(imgs.shape[0]):
-                imgs[b], labels[b], provenance[b] = hpla(imgs[b], labels[b])
-        imgs, labels, provenance = imgs.to(device), labels.to(device), provenance.to(device)
+        imgs, labels, provenance = (batch[k].to(device) for k in ("image", "label", "provenance"))  # HPLA applied
 
         f = set_lr(opt, base_lrs, lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup))
         loss, terms = self_training_step(net, teacher, imgs, labels, provenance, cfg, gen, device)
@@ -310,7 +338,6 @@ def self_train(cfg: SelfTrainConfig) -> Path:
                     "optimizer": opt.state_dict(),
                     "scaler": scaler.state_dict(),
                     "generator": gen.get_state(),
-                    "cpu_generator": cpu_gen.get_state(),
                     "iteration": it + 1,
                 },
             )

@@ -149,20 +149,22 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
     """Endless reshuffled indices: epoch e is a permutation seeded by (seed, e); rank r takes every world-th index.
 
     ``start`` skips that many (global) samples so a resumed run sees exactly the batches it would have seen.
+    With ``positions=True`` it yields ``(position, index)`` pairs, the position counting samples from the start
+    of the run over all ranks: a dataset can seed per-sample randomness with it (see ``self_train.HPLATarget``).
     """
 
-    def __init__(self, n: int, seed: int, start: int = 0) -> None:
-        self.n, self.seed, self.start = n, seed, start
+    def __init__(self, n: int, seed: int, start: int = 0, positions: bool = False) -> None:
+        self.n, self.seed, self.start, self.positions = n, seed, start, positions
         self.rank, self.world = distributed.rank(), distributed.world_size()
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         pos = self.start
         while True:
             epoch, offset = divmod(pos, self.n)
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
             for i in range(offset, self.n):
                 if (pos - self.start) % self.world == self.rank:
-                    yield int(perm[i])
+                    yield (pos, int(perm[i])) if self.positions else int(perm[i])
                 pos += 1
 
 
@@ -192,12 +194,12 @@ def make_scaler(device: str, amp: bool) -> torch.amp.GradScaler:
     )
 
 
-def infinite_loader(ds, batch: int, seed: int, start: int, workers: int, device: str):
+def infinite_loader(ds, batch: int, seed: int, start: int, workers: int, device: str, positions: bool = False):
     """Endless batches over `ds` in `InfiniteSampler` order, starting `start` samples in (for resumption)."""
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch,
-        sampler=InfiniteSampler(len(ds), seed, start),
+        sampler=InfiniteSampler(len(ds), seed, start, positions),
         num_workers=workers,
         pin_memory=device.startswith("cuda"),
         drop_last=True,

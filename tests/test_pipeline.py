@@ -14,7 +14,9 @@ from hias_nb.errors import InputError
 from hias_nb.io import read_label
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels, summary_table
 from hias_nb.selectors import ConfidenceHistogram, replay_ias
-from hias_nb.self_train import SelfTrainConfig, self_train
+from hias_nb.data import SegDataset
+from hias_nb.self_train import HPLATarget, PseudoLabelledTarget, SelfTrainConfig, build_hpla, self_train
+from hias_nb.train import infinite_loader
 
 
 def _pl(root, ckpt, out, **kw) -> PseudoLabelConfig:
@@ -119,6 +121,29 @@ def test_self_training_round_resumes_exactly(tiny_toytown, model_ckpt, tmp_path)
     te = torch.load(a / "teacher_final.pt", weights_only=True)["state_dict"]
     k = "aspp.conv2d_list.0.weight"
     assert not torch.equal(st[k], te[k])
+
+
+def test_hpla_in_the_data_pipeline_is_seeded_by_position(pseudo_dir, tiny_toytown):
+    target = PseudoLabelledTarget(SegDataset("toytown", tiny_toytown, "target_train"), pseudo_dir)
+    hpla = build_hpla(pseudo_dir, target, 19, (), "intended", 0.1, None)
+    pasted = HPLATarget(target, hpla, seed=3)
+
+    def batches(workers: int, start: int, n: int) -> list[dict]:
+        it = iter(infinite_loader(pasted, 4, 0, start, workers, "cpu", positions=True))
+        return [next(it) for _ in range(n)]
+
+    serial = batches(0, 0, 3)
+    for other in (batches(2, 0, 3), batches(0, 4, 2)):  # two worker processes; a run resumed 4 samples in
+        for a, b in zip(serial[-len(other) :], other, strict=True):
+            for key in ("image", "label", "provenance"):
+                assert torch.equal(a[key], b[key]), key
+    assert any((b["provenance"] != 255).any() for b in serial)  # something was pasted
+    for b in serial:  # provenance marks exactly the pasted pixels, whose label is the pasted class
+        where = b["provenance"] != 255
+        assert torch.equal(b["label"][where], b["provenance"][where])
+    # the same image at another stream position gets other draws (not one fixed paste per image)
+    first = pasted[(0, 1)]
+    assert any(not torch.equal(first["image"], pasted[(p, 1)]["image"]) for p in range(1, 8))
 
 
 @pytest.mark.slow

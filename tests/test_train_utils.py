@@ -30,6 +30,8 @@ def test_infinite_sampler_resume_continues_the_same_stream():
     resumed = list(itertools.islice(iter(InfiniteSampler(7, seed=3, start=12)), 18))
     assert resumed == full[12:]
     assert sorted(full[:7]) == list(range(7))  # each epoch is a permutation
+    pairs = list(itertools.islice(iter(InfiniteSampler(7, seed=3, positions=True)), 30))
+    assert [p for p, _ in pairs] == list(range(30)) and [i for _, i in pairs] == full
 
 
 def test_lr_factor_cosine_endpoints_and_warmup():
