@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hias_nb.classes import CITYSCAPES_CLASSES, HARD_CANDIDATES
@@ -204,3 +205,31 @@ def test_toytown_grid_draws_without_a_display(tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 1000
     with pytest.raises(InputError, match="images"):
         toytown_grid(out, n=50)
+
+
+class _AlwaysRoad(torch.nn.Module):
+    """Predicts class 0 everywhere with probability e^6 / (e^6 + 18) ≈ 0.957."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros(x.shape[0], 19, *x.shape[-2:])
+        z[:, 0] = 6.0
+        return z
+
+
+def test_evaluate_by_severity_against_a_direct_count():
+    from hias_nb.evaluate import evaluate_by_severity
+
+    table = evaluate_by_severity(_AlwaysRoad(), severities=(0.0, 1.0), images=3, size=(32, 64), seed=5, batch_size=2)
+    assert list(table["severity"]) == [0.0, 1.0]
+    labels = [render_scene(np.random.default_rng(5 + i), "target", (32, 64), severity=0.0)[1] for i in range(3)]
+    lab = np.stack(labels)
+    valid = lab != 255
+    road = ((lab == 0) & valid).sum()
+    accuracy = 100.0 * road / valid.sum()
+    present = len(np.unique(lab[valid]))  # classes in the ground truth: IoU 0 except road's
+    road_iou = 100.0 * road / valid.sum()  # union of road = all pixels (predicted road everywhere)
+    for _, row in table.iterrows():  # the same scenes at both severities: the labels, hence the scores, agree
+        assert row["pixel_accuracy"] == pytest.approx(accuracy)
+        assert row["miou"] == pytest.approx(road_iou / present)
+        assert row["confident_fraction"] == pytest.approx(100.0)
+        assert row["confident_accuracy"] == pytest.approx(accuracy)
