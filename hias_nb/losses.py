@@ -59,6 +59,14 @@ def _check_shapes(logits: torch.Tensor, pseudo_label: torch.Tensor) -> None:
         raise ValueError(f"pseudo_label must be [B,H,W] = {(b, h, w)} to match logits, got {tuple(pseudo_label.shape)}")
 
 
+def _check_teacher(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> None:
+    if teacher_probs.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_probs must have the student logits' shape {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_probs.shape)}"
+        )
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Upcast fp16/bf16 to fp32; float64 stays float64 (the tests compare against float64 loops)."""
     return x if x.dtype == torch.float64 else x.float()
@@ -164,11 +172,7 @@ def _soft_ce_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked element-wise soft CE ``e_ic = −q_ic·log p_ic`` ``[B,C,H,W]`` and the region mask ``[B,H,W]``."""
     _check_shapes(student_logits, pseudo_label)
-    if teacher_probs.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher_probs must have the student logits' shape {tuple(student_logits.shape)}, "
-            f"got {tuple(teacher_probs.shape)}"
-        )
+    _check_teacher(student_logits, teacher_probs)
     mask = region_mask(pseudo_label, region, ignore_index)
     log_p = F.log_softmax(_at_least_fp32(student_logits), dim=1)
     q = teacher_probs.detach().to(log_p.dtype)
@@ -238,11 +242,7 @@ def hiast_terms(
     """
     _check_choice("normalisation", normalisation, NORMALISATIONS)
     _check_shapes(student_logits, pseudo_label)
-    if teacher_probs.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher_probs must have the student logits' shape {tuple(student_logits.shape)}, "
-            f"got {tuple(teacher_probs.shape)}"
-        )
+    _check_teacher(student_logits, teacher_probs)
     num_classes = student_logits.shape[1]
     log_p = F.log_softmax(_at_least_fp32(student_logits), dim=1)
     zero = log_p.new_zeros(())
