@@ -121,14 +121,27 @@ def region_regularization_maps(
         float32 (float64 for float64 logits).
     """
     _check_shapes(logits, pseudo_label)
-    num_classes = logits.shape[1]
-    log_p = F.log_softmax(_at_least_fp32(logits), dim=1)
-    confident = pseudo_label != ignore_index
+    return _region_maps(F.log_softmax(_at_least_fp32(logits), dim=1), pseudo_label != ignore_index)
+
+
+def _region_maps(log_p: torch.Tensor, confident: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`region_regularization_maps` from ``log_p [B,C,H,W]`` and the confident mask ``[B,H,W]``."""
     # KL(U || p_i) = Σ_c (1/C) log((1/C) / p_ic); the constant −log C is dropped, as in the reference.
-    kld = -log_p.sum(dim=1) / num_classes
+    kld = -log_p.sum(dim=1) / log_p.shape[1]
     entropy = -(log_p.exp() * log_p).sum(dim=1)
     zero = kld.new_zeros(())
     return torch.where(confident, kld, zero), torch.where(confident, zero, entropy)
+
+
+def _region_losses(
+    kld_map: torch.Tensor, entropy_map: torch.Tensor, confident: torch.Tensor, num_classes: int, normalisation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise the maps of `_region_maps` (see `region_regularization`)."""
+    n_confident = confident.sum()
+    per_class = num_classes if normalisation == "reference" else 1
+    kld = _safe_divide(kld_map.sum(), n_confident * per_class)
+    entropy = _safe_divide(entropy_map.sum(), (confident.numel() - n_confident) * per_class)
+    return kld, entropy
 
 
 def region_regularization(
@@ -155,12 +168,7 @@ def region_regularization(
     """
     _check_choice("normalisation", normalisation, NORMALISATIONS)
     kld_map, entropy_map = region_regularization_maps(logits, pseudo_label, ignore_index)
-    confident = pseudo_label != ignore_index
-    n_confident, n_ignored = confident.sum(), (~confident).sum()
-    per_class = logits.shape[1] if normalisation == "reference" else 1
-    kld = _safe_divide(kld_map.sum(), n_confident * per_class)
-    entropy = _safe_divide(entropy_map.sum(), n_ignored * per_class)
-    return kld, entropy
+    return _region_losses(kld_map, entropy_map, pseudo_label != ignore_index, logits.shape[1], normalisation)
 
 
 def _soft_ce_terms(
@@ -173,11 +181,22 @@ def _soft_ce_terms(
     """Masked element-wise soft CE ``e_ic = −q_ic·log p_ic`` ``[B,C,H,W]`` and the region mask ``[B,H,W]``."""
     _check_shapes(student_logits, pseudo_label)
     _check_teacher(student_logits, teacher_probs)
-    mask = region_mask(pseudo_label, region, ignore_index)
     log_p = F.log_softmax(_at_least_fp32(student_logits), dim=1)
+    return _soft_ce_from(log_p, teacher_probs, region_mask(pseudo_label, region, ignore_index))
+
+
+def _soft_ce_from(
+    log_p: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_soft_ce_terms` from ``log_p [B,C,H,W]`` and the region mask ``[B,H,W]``."""
     q = teacher_probs.detach().to(log_p.dtype)
-    terms = torch.where(mask.unsqueeze(1), -q * log_p, log_p.new_zeros(()))
-    return terms, mask
+    return torch.where(mask.unsqueeze(1), -q * log_p, log_p.new_zeros(())), mask
+
+
+def _consistency_from(terms: torch.Tensor, mask: torch.Tensor, normalisation: str) -> torch.Tensor:
+    """Normalise the masked soft-CE terms (see `consistency`)."""
+    count = (terms != 0).sum() if normalisation == "reference" else mask.sum()
+    return _safe_divide(terms.sum(), count)
 
 
 def consistency_map(
@@ -213,9 +232,9 @@ def consistency(
         float32 (or float64) scalar; exactly 0 for an empty region or when every term is zero.
     """
     _check_choice("normalisation", normalisation, NORMALISATIONS)
-    terms, mask = _soft_ce_terms(student_logits, teacher_probs, pseudo_label, region, ignore_index)
-    count = (terms != 0).sum() if normalisation == "reference" else mask.sum()
-    return _safe_divide(terms.sum(), count)
+    return _consistency_from(
+        *_soft_ce_terms(student_logits, teacher_probs, pseudo_label, region, ignore_index), normalisation
+    )
 
 
 def hiast_terms(
@@ -243,21 +262,10 @@ def hiast_terms(
     _check_choice("normalisation", normalisation, NORMALISATIONS)
     _check_shapes(student_logits, pseudo_label)
     _check_teacher(student_logits, teacher_probs)
-    num_classes = student_logits.shape[1]
     log_p = F.log_softmax(_at_least_fp32(student_logits), dim=1)
-    zero = log_p.new_zeros(())
     confident = pseudo_label != ignore_index
-    n_confident = confident.sum()
-    n_ignored = confident.numel() - n_confident
-    per_class = num_classes if normalisation == "reference" else 1
-
     picked = log_p.gather(1, pseudo_label.masked_fill(~confident, 0).unsqueeze(1)).squeeze(1)
-    ce = _safe_divide(torch.where(confident, -picked, zero).sum(), n_confident)
-    kld = _safe_divide(torch.where(confident, -log_p.sum(dim=1), zero).sum() / num_classes, n_confident * per_class)
-    entropy_map = -(log_p.exp() * log_p).sum(dim=1)
-    entropy = _safe_divide(torch.where(confident, zero, entropy_map).sum(), n_ignored * per_class)
-
-    mask = region_mask(pseudo_label, cst_region, ignore_index)
-    terms = torch.where(mask.unsqueeze(1), -teacher_probs.detach().to(log_p.dtype) * log_p, zero)
-    count = (terms != 0).sum() if normalisation == "reference" else mask.sum()
-    return ce, kld, entropy, _safe_divide(terms.sum(), count)
+    ce = _safe_divide(torch.where(confident, -picked, log_p.new_zeros(())).sum(), confident.sum())
+    kld, entropy = _region_losses(*_region_maps(log_p, confident), confident, log_p.shape[1], normalisation)
+    terms, mask = _soft_ce_from(log_p, teacher_probs, region_mask(pseudo_label, cst_region, ignore_index))
+    return ce, kld, entropy, _consistency_from(terms, mask, normalisation)
