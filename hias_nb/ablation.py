@@ -1,14 +1,15 @@
 """The toytown ablation of HIAST (``hias-nb ablation``): selectors, components, and an equal-compute control.
 
-For each seed the demo's source-only model is trained once; every variant then runs the demo's self-training
-rounds from it with one setting changed:
+For each seed the demo's source-only model and its adversarial warm-up are trained once; every variant then runs
+the demo's self-training rounds from them with one setting changed:
 
-- ``full``: the method as ``hias-nb demo`` runs it (IAS, HPLA, region regularisation, consistency);
+- ``full``: the method as ``hias-nb demo`` runs it (warm-up, IAS, HPLA, region regularisation, consistency);
+- ``no_warmup``: round 1 starts from the BN-recalibrated source model instead of the warm-up;
 - ``cbst`` / ``constant`` / ``none``: another pseudo-label selector (SPEC.md 2.3);
 - ``no_hpla``, ``no_rar`` (λc = λi = 0), ``no_consistency`` (λcst = 0): one component removed;
-- ``control``: no adaptation — the source model trained on source data for as many extra iterations as all
-  rounds take together (and ``control_adabn``: the same with target BatchNorm statistics), so that a gain of
-  self-training is not confused with a gain of more training (TOYTOWN-NOTES).
+- ``control``: no adaptation — the source model trained on source data for as many extra iterations as the
+  warm-up and all rounds take together (and ``control_adabn``: the same with target BatchNorm statistics), so
+  that a gain of self-training is not confused with a gain of more training (TOYTOWN-NOTES).
 
 Results go to a long CSV, one row per (variant, seed, stage): ``variant, seed, stage, miou`` and one IoU column
 per class; the notebooks read it.
@@ -40,20 +41,22 @@ VARIANTS: dict[str, dict] = {
     "no_hpla": {"hpla": False},
     "no_rar": {"lambda_kld": 0.0, "lambda_ent": 0.0},
     "no_consistency": {"lambda_cst": 0.0},
+    "no_warmup": {"warmup_iterations": 0},
 }
 
 
 def _share_source(src: Path, dst: Path) -> None:
-    """Give a variant the seed's finished source-only stages (hard links: no copy, no retraining)."""
-    for stage in ("source_only", "source_only_adabn"):
-        if not (dst / stage).exists():
+    """Give a variant the seed's finished source-only and warm-up stages (hard links: no copy, no retraining)."""
+    for stage in ("source_only", "source_only_adabn", "warmup"):
+        if (src / stage).exists() and not (dst / stage).exists():
             shutil.copytree(src / stage, dst / stage, copy_function=os.link)
 
 
 def _control(seed_dir: Path, cfg, device: str) -> list[dict]:
-    """Equal-compute control: continue source training for rounds × round_iterations, then evaluate."""
+    """Equal-compute control: continue source training for the warm-up's and the rounds' iterations, then
+    evaluate."""
     out = seed_dir / "control"
-    extra = cfg.rounds * cfg.round_iterations
+    extra = cfg.warmup_iterations + cfg.rounds * cfg.round_iterations
     ckpt = train_source(
         TrainConfig(
             out=str(out / "train"),
@@ -93,7 +96,7 @@ def run_ablation(
             print(f"[ablation] seed {seed}, variant {name}")
             vdir = seed_dir / name
             if name != "full":
-                if not (seed_dir / "full" / "source_only_adabn" / "model_final.pt").exists():
+                if not (seed_dir / "full" / "round_1").exists():
                     run_demo(quick=quick, out=str(seed_dir / "full"), device=device, data_root=data_root, seed=seed)
                 vdir.mkdir(parents=True, exist_ok=True)
                 _share_source(seed_dir / "full", vdir)

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hias_nb.pseudo_label import PseudoLabelConfig
     from hias_nb.self_train import SelfTrainConfig
     from hias_nb.train import TrainConfig
+    from hias_nb.warmup import WarmupConfig
 
     parser = _Parser(prog="hias-nb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -54,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--out", default="runs/ablation")
     abl.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     abl.add_argument(
-        "--variants", nargs="+", default=None, help="subset of: full cbst constant none no_hpla no_rar no_consistency"
+        "--variants",
+        nargs="+",
+        default=None,
+        help="subset of: full cbst constant none no_hpla no_rar no_consistency no_warmup",
     )
     abl.add_argument("--no-control", action="store_true", help="skip the equal-compute control")
     abl.add_argument("--csv", default=None, help="where the long CSV goes (default OUT/ablation.csv)")
@@ -76,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--split", action="append", default=None, help="only this split (repeatable)")
 
     _stage_parser(sub, "train-source", "source-only (or oracle) training", TrainConfig)
+    _stage_parser(
+        sub, "warmup", "adversarial warm-up (output-space discriminator) from a source-only model", WarmupConfig
+    )
     _stage_parser(
         sub, "pseudo-label", "pseudo-labels for the target train split (IAS, CBST, constant, none)", PseudoLabelConfig
     )
@@ -181,6 +188,12 @@ def _cmd_stage(name: str, config: str | None, rest: list[str]) -> int:
         path = train_source(load_config(TrainConfig, config, overrides))
         print(f"model written to {path}")
         return 0
+    if name == "warmup":
+        from hias_nb.warmup import WarmupConfig, adversarial_warmup
+
+        run = adversarial_warmup(load_config(WarmupConfig, config, overrides))
+        print(f"warm-up model written to {run / 'model_final.pt'}")
+        return 0
     if name == "pseudo-label":
         from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
 
@@ -197,7 +210,7 @@ def _cmd_stage(name: str, config: str | None, rest: list[str]) -> int:
 def _run(argv: list[str]) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("train-source", "pseudo-label", "self-train"):
+    if args.command in ("train-source", "warmup", "pseudo-label", "self-train"):
         return _cmd_stage(args.command, args.config, rest)
     if rest:
         raise InputError(f"hias-nb {args.command}: unrecognised arguments: {' '.join(rest)}")

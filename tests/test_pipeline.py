@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
@@ -158,12 +159,16 @@ def test_demo_end_to_end_tiny(tiny_toytown, tmp_path, capsys):
         size=(32, 64),
         source_iterations=6,
         round_iterations=4,
+        warmup_iterations=3,
         batch_size=4,
         rounds=2,
     )
     report = run_demo(**tiny)
     names = [s["name"] for s in report["stages"]]
-    assert names == ["source_only", "source_only_adabn", "round_1", "round_2"]
+    assert names == ["source_only", "source_only_adabn", "warmup", "round_1", "round_2"]
+    # round 1 starts from the warm-up model (with target BN statistics), not from the AdaBN source model
+    r1 = yaml.safe_load((tmp_path / "demo" / "round_1" / "train" / "config.yaml").read_text())
+    assert r1["init_checkpoint"] == str(tmp_path / "demo" / "warmup" / "model_final.pt")
     assert (tmp_path / "demo" / "report.json").exists() and (tmp_path / "demo" / "per_class_iou.png").exists()
     for s in report["stages"]:
         vals = [v for v in s["per_class"].values() if v is not None]
