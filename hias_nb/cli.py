@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto | cpu | cuda")
     demo.add_argument("--data-root", default="data/toytown", help="where toytown is (generated if absent)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--rounds", type=int, default=None, help="self-training rounds K (default 1; 1 with --quick)")
 
     abl = sub.add_parser("ablation", help="the toytown ablation: selectors, components, equal-compute control")
     abl.add_argument("--out", default="runs/ablation")
@@ -238,7 +239,16 @@ def _run(argv: list[str]) -> int:
     if args.command == "demo":
         from hias_nb.demo import run_demo
 
-        run_demo(quick=args.quick, out=args.out, device=args.device, data_root=args.data_root, seed=args.seed)
+        if args.rounds is not None and args.rounds < 1:
+            raise InputError(f"--rounds: must be at least 1, got {args.rounds}")
+        run_demo(
+            quick=args.quick,
+            out=args.out,
+            device=args.device,
+            data_root=args.data_root,
+            seed=args.seed,
+            rounds=args.rounds,
+        )
         return 0
     raise AssertionError(args.command)
 

@@ -753,10 +753,11 @@ def ablation_plot(df: pd.DataFrame, stage: str | None = None) -> Figure:
 
 def stage_checkpoints(run_dir: str | os.PathLike) -> dict[str, Path]:
     """The checkpoints of a demo run folder that exist, by stage name, in pipeline order: ``source_only``,
-    ``source_only_adabn``, ``round_k`` (EMA teacher), ``round_k_student``, ``oracle``."""
+    ``source_only_adabn``, ``warmup``, ``round_k`` (EMA teacher), ``round_k_student``, ``oracle``."""
     run = Path(run_dir)
     found = {"source_only": run / "source_only" / "model_final.pt",
-             "source_only_adabn": run / "source_only_adabn" / "model_final.pt"}  # fmt: skip
+             "source_only_adabn": run / "source_only_adabn" / "model_final.pt",
+             "warmup": run / "warmup" / "model_final.pt"}  # fmt: skip
     rounds = sorted((p for p in run.glob("round_*") if p.name[6:].isdigit()), key=lambda p: int(p.name[6:]))
     for r in rounds:
         found[r.name] = r / "train" / "teacher_final.pt"

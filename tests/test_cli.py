@@ -35,6 +35,7 @@ def test_help_for_every_command(capsys):
         ["data", "generate", "--help"],
         ["data", "check", "--help"],
         ["train-source", "--help"],
+        ["warmup", "--help"],
         ["evaluate", "--help"],
     ):
         with pytest.raises(SystemExit) as e:
@@ -52,6 +53,9 @@ def test_help_for_every_command(capsys):
         (["evaluate", "--checkpoint", "/nonexistent/m.pt"], "/nonexistent/m.pt"),
         (["data", "check", "imagenet", "--root", "/tmp"], "imagenet"),
         (["frobnicate"], "frobnicate"),
+        (["demo", "--rounds", "0"], "--rounds"),
+        (["warmup", "--adv_weight", "-1"], "adv_weight"),
+        (["warmup", "--d_input", "logits"], "d_input"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, needle, capsys):
