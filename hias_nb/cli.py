@@ -239,8 +239,6 @@ def _run(argv: list[str]) -> int:
     if args.command == "demo":
         from hias_nb.demo import run_demo
 
-        if args.rounds is not None and args.rounds < 1:
-            raise InputError(f"--rounds: must be at least 1, got {args.rounds}")
         run_demo(
             quick=args.quick,
             out=args.out,

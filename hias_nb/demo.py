@@ -25,6 +25,7 @@ from hias_nb.classes import get_protocol
 from hias_nb.config import config_to_dict
 from hias_nb.data import SegDataset
 from hias_nb.data.toytown import ensure_toytown
+from hias_nb.errors import InputError
 from hias_nb.evaluate import EvalResult, evaluate, report_table, stage_entry, write_report
 from hias_nb.io import read_json, write_json
 from hias_nb.models import checkpoint_meta, save_checkpoint
@@ -79,7 +80,10 @@ def demo_config(quick: bool, **overrides) -> DemoConfig:
         )
     else:
         cfg = DemoConfig()
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if cfg.rounds < 1:  # checked here so that the CLI and Python callers get the same error
+        raise InputError(f"rounds (--rounds): must be at least 1, got {cfg.rounds}")
+    return cfg
 
 
 def evaluate_stage(path: Path, name: str, model, ds, device) -> dict:
