@@ -50,8 +50,13 @@ def main() -> None:
     labels = torch.randint(0, 19, (b, h, w))
     labels[:, : h // 3] = 255
     donor = (torch.randint(0, 256, (3, h, w), dtype=torch.uint8), torch.randint(0, 19, (h, w)))
-    hpla = HPLA(torch.arange(5, 19), torch.full((19,), 1 / 14).index_fill_(0, torch.arange(5), 0),
-                {c: ["d"] for c in range(19)}, lambda name: donor, generator=torch.Generator().manual_seed(0))
+    hpla = HPLA(
+        torch.arange(5, 19),
+        torch.full((19,), 1 / 14).index_fill_(0, torch.arange(5), 0),
+        {c: ["d"] for c in range(19)},
+        lambda name: donor,
+        generator=torch.Generator().manual_seed(0),
+    )
     cfg = SelfTrainConfig(device=dev, amp=True)
     gen = torch.Generator(device=dev).manual_seed(0)
     h_range = augment.scaled_weak_defaults((h, w)).h_range
@@ -75,8 +80,9 @@ def main() -> None:
         ema_update(teacher, student, 0.999)
 
     def plain_step() -> None:
-        imgs, labs, _ = augment.weak_view(images.to(dev), labels.to(dev), out_size=(h, w), h_range=h_range,
-                                          ratio=2.0, generator=gen)
+        imgs, labs, _ = augment.weak_view(
+            images.to(dev), labels.to(dev), out_size=(h, w), h_range=h_range, ratio=2.0, generator=gen
+        )
         with autocast_context(dev, True):
             logits = plain(augment.normalize(imgs))
         loss = F.cross_entropy(logits.float(), labs, ignore_index=255)

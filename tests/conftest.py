@@ -36,6 +36,7 @@ def model_ckpt(tmp_path_factory):
 def pseudo_dir(tiny_toytown, model_ckpt, tmp_path_factory):
     """IAS pseudo-labels (alpha 0.5) of `model_ckpt` over the tiny toytown's target-train split (read-only)."""
     out = tmp_path_factory.mktemp("pl") / "pseudo"
-    cfg = PseudoLabelConfig(out=str(out), checkpoint=str(model_ckpt), data_root=str(tiny_toytown), alpha=0.5,
-                            progress=False, device="cpu")
+    cfg = PseudoLabelConfig(
+        out=str(out), checkpoint=str(model_ckpt), data_root=str(tiny_toytown), alpha=0.5, progress=False, device="cpu"
+    )
     return generate_pseudo_labels(cfg)

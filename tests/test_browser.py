@@ -55,15 +55,11 @@ STATE_DIRS = {
 }
 
 if CHROMIUM is None:
-    pytest.skip(
-        "Chromium is not installed (apt-get install chromium; .ci/run does it)", allow_module_level=True
-    )
+    pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does it)", allow_module_level=True)
 try:
     from playwright.sync_api import Page, sync_playwright
 except ImportError:
-    pytest.skip(
-        "the playwright Python package is missing (it is in the `test` extra)", allow_module_level=True
-    )
+    pytest.skip("the playwright Python package is missing (it is in the `test` extra)", allow_module_level=True)
 
 
 @dataclass
@@ -92,9 +88,7 @@ def _pids_mentioning(marker: str) -> list[int]:
             continue
         try:
             cmdline = _cmdline(int(d.name))
-            state = next(
-                line for line in (d / "status").read_text().splitlines() if line.startswith("State:")
-            )
+            state = next(line for line in (d / "status").read_text().splitlines() if line.startswith("State:"))
         except (OSError, StopIteration):
             continue
         if marker in cmdline and "zombie" not in state:
@@ -191,9 +185,7 @@ def lab(notebook02: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
-                pytest.fail(
-                    f"jupyter lab exited with {proc.returncode}:\n{(tmp / 'jupyter.log').read_text()}"
-                )
+                pytest.fail(f"jupyter lab exited with {proc.returncode}:\n{(tmp / 'jupyter.log').read_text()}")
             try:
                 with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as r:
                     if r.status == 200:
@@ -273,14 +265,10 @@ def test_notebook02_replay_widget_redraws(page: Page, lab: LabServer, notebook02
         page.wait_for_function(ALL_CELLS_RAN, timeout=240_000, polling=500)
 
         errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"]')
-        assert errors.count() == 0, f"error outputs in {notebook02.name}:\n" + "\n".join(
-            errors.all_inner_texts()
-        )
+        assert errors.count() == 0, f"error outputs in {notebook02.name}:\n" + "\n".join(errors.all_inner_texts())
         figure_reprs = page.locator(".jp-OutputArea-output", has_text=re.compile(r"^<Figure size"))
         assert figure_reprs.count() == 0, f"{notebook02.name}: a figure's repr is shown instead of the image"
-        page.locator(".jp-Notebook .jupyter-widgets.widget-slider").first.wait_for(
-            state="visible", timeout=30_000
-        )
+        page.locator(".jp-Notebook .jupyter-widgets.widget-slider").first.wait_for(state="visible", timeout=30_000)
         assert page.evaluate(PICK_SLIDER)
         slider = page.locator("[data-test-slider]")
         slider.scroll_into_view_if_needed()

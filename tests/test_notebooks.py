@@ -78,9 +78,7 @@ def test_notebook_committed_without_outputs(path: Path):
         for i, c in enumerate(nb.cells)
         if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)
     ]
-    assert not dirty, (
-        f"{path.name}: cells {dirty} have outputs or execution counts; strip them before committing"
-    )
+    assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; strip them before committing"
     assert "widgets" not in nb.metadata, f"{path.name}: saved widget state in the notebook metadata"
 
 
@@ -105,16 +103,13 @@ def test_notebook_executes_quick(path: Path, quick_run: Path, tmp_path: Path):
     )
     print(f"{path.name}: executed in {time.perf_counter() - t0:.1f} s")
     executed = nbformat.read(out, as_version=4)
-    assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code"), (
-        f"{path.name}: no output at all"
-    )
+    assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code"), f"{path.name}: no output at all"
     unrendered = [
         i
         for i, c in enumerate(executed.cells)
         if c.cell_type == "code"
         for o in c.get("outputs", [])
-        if str(o.get("data", {}).get("text/plain", "")).startswith("<Figure size")
-        and "image/png" not in o.data
+        if str(o.get("data", {}).get("text/plain", "")).startswith("<Figure size") and "image/png" not in o.data
     ]
     assert not unrendered, f"{path.name}: cells {unrendered} show a figure's repr instead of the image"
     assert path.read_bytes() == committed, f"{path.name}: the committed notebook changed"
