@@ -134,8 +134,9 @@ def ablation_table(df: pd.DataFrame) -> pd.DataFrame:
         finals.append(pick.assign(variant=variant, seed=seed))
     f = pd.concat(finals)
     table = f.groupby(["variant", "stage"], sort=False)["miou"].agg(["mean", "std", "count"])
-    # every variant of a seed shares its source-only stages: count each (seed, stage) once
-    base = df[df["stage"].isin(["source_only", "source_only_adabn", "oracle"])].drop_duplicates(["seed", "stage"])
-    ref = base.groupby("stage")["miou"].agg(["mean", "std", "count"])
+    # every variant of a seed shares its source-only and warm-up stages: count each (seed, stage) once
+    shared = ["source_only", "source_only_adabn", "warmup", "oracle"]
+    base = df[df["stage"].isin(shared)].drop_duplicates(["seed", "stage"])
+    ref = base.groupby("stage", sort=False)["miou"].agg(["mean", "std", "count"])
     ref.index = pd.MultiIndex.from_tuples([("reference", s) for s in ref.index], names=["variant", "stage"])
     return pd.concat([ref, table])

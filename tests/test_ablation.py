@@ -9,6 +9,7 @@ def test_table_counts_shared_source_stages_once_and_takes_the_last_round():
         for variant in ("full", "no_hpla"):
             rows += [
                 {"variant": variant, "seed": seed, "stage": "source_only", "miou": src},
+                {"variant": variant, "seed": seed, "stage": "warmup", "miou": src + 2},
                 {"variant": variant, "seed": seed, "stage": "round_1", "miou": r1},
                 {"variant": variant, "seed": seed, "stage": "round_2", "miou": r2},
             ]
@@ -16,6 +17,8 @@ def test_table_counts_shared_source_stages_once_and_takes_the_last_round():
     t = ablation_table(pd.DataFrame(rows))
     assert t.loc[("reference", "source_only"), "count"] == 2  # not 4: shared by both variants
     assert t.loc[("reference", "source_only"), "mean"] == 15.0
+    assert t.loc[("reference", "warmup"), "count"] == 2
+    assert t.loc[("reference", "warmup"), "mean"] == 17.0
     assert t.loc[("full", "round_2"), "mean"] == (11.0 + 26.0) / 2  # the final round, per seed
     assert ("full", "round_1") not in t.index
     assert t.loc[("control", "control"), "mean"] == 16.0
