@@ -17,7 +17,6 @@ per class; the notebooks read it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -85,8 +84,11 @@ def run_ablation(
     device: str = "auto",
     data_root: str = "data/toytown",
     control: bool = True,
+    **overrides,
 ) -> pd.DataFrame:
-    """Run every variant for every seed (finished parts are reused) and write the long CSV; returns it."""
+    """Run every variant for every seed (finished parts are reused) and write the long CSV; returns it.
+
+    `overrides` replace `DemoConfig` fields in every variant and the control (e.g. shorter runs in tests)."""
     out = Path(out)
     device = resolve_device(device)
     rows: list[dict] = []
@@ -97,7 +99,10 @@ def run_ablation(
             vdir = seed_dir / name
             if name != "full":
                 if not (seed_dir / "full" / "round_1").exists():
-                    run_demo(quick=quick, out=str(seed_dir / "full"), device=device, data_root=data_root, seed=seed)
+                    run_demo(
+                        quick=quick, out=str(seed_dir / "full"), device=device, data_root=data_root, seed=seed,
+                        **overrides,
+                    )  # fmt: skip
                 vdir.mkdir(parents=True, exist_ok=True)
                 _share_source(seed_dir / "full", vdir)
             report = run_demo(
@@ -106,12 +111,11 @@ def run_ablation(
                 device=device,
                 data_root=data_root,
                 seed=seed,
-                **({"oracle": False} if name != "full" else {}),
-                **VARIANTS[name],
+                **{**overrides, **({"oracle": False} if name != "full" else {}), **VARIANTS[name]},
             )
             rows += [_row(name, seed, s) for s in report["stages"]]
         if control:
-            cfg = dataclasses.replace(demo_config(quick), seed=seed, data_root=data_root)
+            cfg = demo_config(quick, seed=seed, data_root=data_root, **overrides)
             rows += [_row("control", seed, s) for s in _control(seed_dir, cfg, device)]
     df = pd.DataFrame(rows)
     csv = Path(csv) if csv else out / "ablation.csv"

@@ -1,6 +1,7 @@
 import pandas as pd
+import pytest
 
-from hias_nb.ablation import VARIANTS, ablation_table
+from hias_nb.ablation import VARIANTS, ablation_table, run_ablation
 
 
 def test_table_counts_shared_source_stages_once_and_takes_the_last_round():
@@ -33,3 +34,27 @@ def test_variants_change_only_demo_fields():
     assert VARIANTS["full"] == {}
     for overrides in VARIANTS.values():
         assert set(overrides) <= names
+
+
+@pytest.mark.slow
+def test_tiny_ablation_shares_the_warmup_and_writes_the_csv(tiny_toytown, tmp_path):
+    """Variants reuse the seed's source-only and warm-up stages from another folder (hard links), instead of
+    refusing them as a run with another init_checkpoint; the CSV has one row per (variant, seed, stage)."""
+    tiny = dict(images=24, size=(32, 64), source_iterations=6, round_iterations=4, warmup_iterations=3, batch_size=4)
+    csv = tmp_path / "ablation.csv"
+    df = run_ablation(
+        tmp_path / "abl", seeds=(0,), variants=("full", "cbst", "no_warmup"), csv=csv, quick=True, device="cpu",
+        data_root=str(tiny_toytown), **tiny,
+    )  # fmt: skip
+    assert csv.exists() and len(pd.read_csv(csv)) == len(df)
+    full = df[df["variant"] == "full"].set_index("stage")["miou"]
+    for variant in ("cbst", "no_warmup"):
+        rows = df[df["variant"] == variant].set_index("stage")["miou"]
+        assert rows["source_only"] == full["source_only"]  # shared, not retrained
+    assert df[df["variant"] == "cbst"].set_index("stage")["miou"]["warmup"] == full["warmup"]
+    assert "warmup" not in set(df[df["variant"] == "no_warmup"]["stage"])
+    assert set(df[df["variant"] == "control"]["stage"]) == {"control", "control_adabn"}
+    warm = tmp_path / "abl" / "seed_0"
+    assert (warm / "cbst" / "warmup" / "model_final.pt").stat().st_ino == (
+        warm / "full" / "warmup" / "model_final.pt"
+    ).stat().st_ino
