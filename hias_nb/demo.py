@@ -264,7 +264,7 @@ def _summary_lines(summary: dict) -> list[str]:
         f"{summary['gain_over_adabn']:+.1f} over source_only_adabn"
     ]
     if "gap_closed" in summary:
-        lines.append(f"source_only -> oracle gap closed: {100 * summary['gap_closed']:.0f}%")
+        lines.append(f"source_only -> oracle gap closed: {100 * summary['gap_closed']:.1f}%")
     return lines
 
 
