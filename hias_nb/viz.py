@@ -739,6 +739,7 @@ def ablation_plot(df: pd.DataFrame, stage: str | None = None) -> Figure:
     sns.barplot(data=data, x="variant", y="miou", hue="stage", order=order, errorbar=None, alpha=0.6, ax=ax)
     sns.stripplot(data=data, x="variant", y="miou", hue="stage", order=order, dodge=True, palette="dark:k", size=4,
                   legend=False, ax=ax)  # fmt: skip
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0))  # outside: seven stages would hide bars
     ax.set_ylabel("mIoU (%)")
     ax.set_xlabel("variant")
     ax.set_title("Ablation on toytown: bars = mean over seeds, dots = single seeds")
