@@ -178,3 +178,5 @@ def test_demo_end_to_end_tiny(tiny_toytown, tmp_path, capsys):
     # a second run finds every stage finished and reproduces the same report
     again = run_demo(**tiny)
     assert [s["miou"] for s in again["stages"]] == [s["miou"] for s in report["stages"]]
+    assert report["resumed"] is False and again["resumed"] is True  # its wall_seconds cover the second call only
+    assert "finished stages were reused" in capsys.readouterr().out
