@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from hias_nb.data import SegDataset
 from hias_nb.demo import adabn_checkpoint, demo_config, evaluate_stage, run_demo
@@ -45,10 +46,28 @@ VARIANTS: dict[str, dict] = {
 
 
 def _share_source(src: Path, dst: Path) -> None:
-    """Give a variant the seed's finished source-only and warm-up stages (hard links: no copy, no retraining)."""
+    """Give a variant the seed's finished source-only and warm-up stages: hard links (no copy, no retraining).
+
+    Each run's ``config.yaml`` is rewritten so that its paths name the variant's own folder (the warm-up's
+    ``init_checkpoint`` becomes the variant's ``source_only`` model, a link to the same file): the demo's
+    same-config check then accepts the shared run as the one it would have trained."""
+
+    def link_or_rebase(a: str, b: str) -> None:
+        if Path(a).name != "config.yaml":
+            os.link(a, b)
+            return
+        cfg = yaml.safe_load(Path(a).read_text()) or {}
+        for k, v in cfg.items():
+            if isinstance(v, str) and Path(v).is_relative_to(src):
+                cfg[k] = str(dst / Path(v).relative_to(src))
+        Path(b).write_text(yaml.safe_dump(cfg, sort_keys=False))
+
     for stage in ("source_only", "source_only_adabn", "warmup"):
         if (src / stage).exists() and not (dst / stage).exists():
-            shutil.copytree(src / stage, dst / stage, copy_function=os.link)
+            tmp = dst / f".{stage}.partial"  # renamed into place when complete: an interrupted share is redone
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src / stage, tmp, copy_function=link_or_rebase)
+            tmp.rename(dst / stage)
 
 
 def _control(seed_dir: Path, cfg, device: str) -> list[dict]:
@@ -99,10 +118,7 @@ def run_ablation(
             vdir = seed_dir / name
             if name != "full":
                 if not (seed_dir / "full" / "round_1").exists():
-                    run_demo(
-                        quick=quick, out=str(seed_dir / "full"), device=device, data_root=data_root, seed=seed,
-                        **overrides,
-                    )  # fmt: skip
+                    run_demo(quick, str(seed_dir / "full"), device, data_root, seed, **overrides)
                 vdir.mkdir(parents=True, exist_ok=True)
                 _share_source(seed_dir / "full", vdir)
             report = run_demo(

@@ -151,25 +151,22 @@ def run_demo(
     generator = student = adabn_ckpt  # without a warm-up, round 1 starts from the BN-recalibrated source model
     if cfg.warmup_iterations > 0:
         print("[demo] stage warmup: adversarial warm-up (source CE + output-space discriminator on target)")
-        warm_final = out_dir / "warmup" / "model_final.pt"
-        # a finished stage is skipped, as the docstring promises: the ablation shares one warm-up between variants
-        # (hard links), and resuming it from another folder would see another init_checkpoint path
-        if not warm_final.exists():
-            wdir = adversarial_warmup(
-                WarmupConfig(
-                    out=str(out_dir / "warmup" / "train"),
-                    init_checkpoint=str(src_ckpt),
-                    data_root=cfg.data_root,
-                    iterations=cfg.warmup_iterations,
-                    batch_size=cfg.batch_size,
-                    adv_weight=cfg.adv_weight,
-                    seed=cfg.seed,
-                    device=device,
-                )
+        wdir = adversarial_warmup(
+            WarmupConfig(
+                out=str(out_dir / "warmup" / "train"),
+                init_checkpoint=str(src_ckpt),
+                data_root=cfg.data_root,
+                iterations=cfg.warmup_iterations,
+                batch_size=cfg.batch_size,
+                adv_weight=cfg.adv_weight,
+                seed=cfg.seed,
+                device=device,
             )
-            # joint source+target batches leave mixed BN running statistics: re-estimate them on target (AdaBN)
-            adabn_checkpoint(wdir / "model_final.pt", warm_final, cfg.data_root, cfg.batch_size, device)
-        generator = student = warm_final
+        )
+        # joint source+target batches leave mixed BN running statistics: re-estimate them on target (AdaBN)
+        generator = student = adabn_checkpoint(
+            wdir / "model_final.pt", out_dir / "warmup" / "model_final.pt", cfg.data_root, cfg.batch_size, device
+        )
         model = load_model(student, device)
         stages.append(evaluate_stage(out_dir / "warmup" / "eval.json", "warmup", model, val, device))
 

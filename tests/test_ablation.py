@@ -1,5 +1,6 @@
 import pandas as pd
 import pytest
+import yaml
 
 from hias_nb.ablation import VARIANTS, ablation_table, run_ablation
 
@@ -43,9 +44,15 @@ def test_tiny_ablation_shares_the_warmup_and_writes_the_csv(tiny_toytown, tmp_pa
     tiny = dict(images=24, size=(32, 64), source_iterations=6, round_iterations=4, warmup_iterations=3, batch_size=4)
     csv = tmp_path / "ablation.csv"
     df = run_ablation(
-        tmp_path / "abl", seeds=(0,), variants=("full", "cbst", "no_warmup"), csv=csv, quick=True, device="cpu",
-        data_root=str(tiny_toytown), **tiny,
-    )  # fmt: skip
+        tmp_path / "abl",
+        seeds=(0,),
+        variants=("full", "cbst", "no_warmup"),
+        csv=csv,
+        quick=True,
+        device="cpu",
+        data_root=str(tiny_toytown),
+        **tiny,
+    )
     assert csv.exists() and len(pd.read_csv(csv)) == len(df)
     full = df[df["variant"] == "full"].set_index("stage")["miou"]
     for variant in ("cbst", "no_warmup"):
@@ -58,3 +65,6 @@ def test_tiny_ablation_shares_the_warmup_and_writes_the_csv(tiny_toytown, tmp_pa
     assert (warm / "cbst" / "warmup" / "model_final.pt").stat().st_ino == (
         warm / "full" / "warmup" / "model_final.pt"
     ).stat().st_ino
+    # the shared warm-up's recorded config names the variant's own (linked) source model
+    warm_cfg = yaml.safe_load((warm / "cbst" / "warmup" / "train" / "config.yaml").read_text())
+    assert warm_cfg["init_checkpoint"] == str(warm / "cbst" / "source_only" / "model_final.pt")
