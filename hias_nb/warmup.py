@@ -186,16 +186,20 @@ def warmup_step(
     ce = F.cross_entropy(z_s, labels, ignore_index=IGNORE)
     phi_s, phi_t = discriminator_input(z_s, cfg.d_input), discriminator_input(z_t, cfg.d_input)
 
+    def d_forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast_context(device, cfg.amp):
+            return disc(x).float()
+
     for p in disc.parameters():
         p.requires_grad_(False)
-    adv = discriminator_loss(disc(phi_t), SOURCE_LABEL, cfg.d_loss)  # fool D: target maps should look "source"
+    adv = discriminator_loss(d_forward(phi_t), SOURCE_LABEL, cfg.d_loss)  # fool D: target maps should look "source"
     for p in disc.parameters():
         p.requires_grad_(True)
     ent = mean_entropy(z_t) if cfg.ent_weight > 0 else z_t.new_zeros(())
     g_loss = cfg.source_weight * ce + cfg.adv_weight * adv + cfg.ent_weight * ent
 
-    d_s = disc(phi_s.detach())
-    d_t = disc(phi_t.detach())
+    d_s = d_forward(phi_s.detach())
+    d_t = d_forward(phi_t.detach())
     d_src = discriminator_loss(d_s, SOURCE_LABEL, cfg.d_loss)
     d_tgt = discriminator_loss(d_t, TARGET_LABEL, cfg.d_loss)
     d_loss = cfg.d_weight * (d_src + d_tgt) / 2
