@@ -7,6 +7,7 @@ the demo's self-training rounds from them with one setting changed:
 - ``no_warmup``: round 1 starts from the BN-recalibrated source model instead of the warm-up;
 - ``cbst`` / ``constant`` / ``none``: another pseudo-label selector (SPEC.md 2.3);
 - ``no_hpla``, ``no_rar`` (λc = λi = 0), ``no_consistency`` (λcst = 0): one component removed;
+- ``no_strong``: the student sees the weak view instead of the CCA strong view;
 - ``control``: no adaptation — the source model trained on source data for as many extra iterations as the
   warm-up and all rounds take together (and ``control_adabn``: the same with target BatchNorm statistics), so
   that a gain of self-training is not confused with a gain of more training (TOYTOWN-NOTES).
@@ -41,6 +42,7 @@ VARIANTS: dict[str, dict] = {
     "no_hpla": {"hpla": False},
     "no_rar": {"lambda_kld": 0.0, "lambda_ent": 0.0},
     "no_consistency": {"lambda_cst": 0.0},
+    "no_strong": {"strong": False},
     "no_warmup": {"warmup_iterations": 0},
 }
 
@@ -89,7 +91,7 @@ def _control(seed_dir: Path, cfg, device: str) -> list[dict]:
     )
     val = SegDataset("toytown", cfg.data_root, "target_val")
     entries = [evaluate_stage(out / "eval.json", "control", load_model(ckpt, device), val, device)]
-    adabn = adabn_checkpoint(ckpt, out / "adabn.pt", cfg.data_root, cfg.batch_size, device)
+    adabn = adabn_checkpoint(ckpt, out / "adabn.pt", cfg.data_root, cfg.batch_size, device, cfg.adabn_images)
     entries.append(evaluate_stage(out / "eval_adabn.json", "control_adabn", load_model(adabn, device), val, device))
     return entries
 

@@ -62,10 +62,16 @@ class PseudoLabelConfig:
     constant_threshold: float = 0.9
     class_value_gamma: float = 0.99  # EMA of the mean kept confidence per class (SPEC 2.6)
     batch_size: int = 2
+    forward_batch: int = 16  # images per model forward; selection still runs per batch_size group (same labels)
     order: Literal["seeded", "reference", "sorted"] = "seeded"
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("batch_size", "forward_batch"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
 
 
 def visiting_order(n: int, batch_size: int, order: str, seed: int) -> list[int]:
@@ -105,11 +111,13 @@ def load_pseudo_summary(folder: str | Path) -> dict:
 @torch.no_grad()
 def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
     """Run G over the split, select, and write the folder described in the module docstring; returns it."""
+    cfg.validate()
     out = Path(cfg.out)
     if (out / "summary.json").exists():
         old = read_json(out / "summary.json")["config"]
         new = config_to_dict(cfg)
-        diff = [k for k in new if k not in ("device", "progress") and old.get(k) != new[k]]
+        same = ("device", "progress", "forward_batch")  # settings that do not change the labels
+        diff = [k for k in new if k not in same and old.get(k) != new[k]]
         if diff:
             raise InputError(
                 f"{out}: holds pseudo-labels made with another config ({diff[0]}: {old.get(diff[0])!r}"
@@ -132,24 +140,32 @@ def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
         shutil.rmtree(tmp)  # an interrupted earlier attempt: start over, never mix
     (tmp / "labels").mkdir(parents=True)
 
-    def forward(idx: list[int]):
-        items = [ds[i] for i in idx]
-        images = torch.stack([it["image"] for it in items]).to(device)
-        probs = predict_probs(model, images)
-        conf, pred = probs.max(1)
-        return items, conf.float(), pred
-
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    per_forward = max(1, cfg.forward_batch // cfg.batch_size)
+
+    def forward(desc: str, **bar):
+        """(items, conf [B,H,W] float32, pred [B,H,W]) per selection batch, in `order`. Several batches share one
+        model forward (eval mode: the outputs do not depend on the forward's batch size)."""
+        with tqdm(total=len(batches), desc=desc, disable=not cfg.progress, **bar) as progress:
+            for j in range(0, len(batches), per_forward):
+                group = batches[j : j + per_forward]
+                items = [ds[i] for idx in group for i in idx]
+                conf, pred = predict_probs(model, torch.stack([it["image"] for it in items]).to(device)).max(1)
+                start = 0
+                for idx in group:
+                    sl = slice(start, start + len(idx))
+                    yield items[sl], conf[sl].float(), pred[sl]
+                    start += len(idx)
+                    progress.update()
+
     if cfg.policy == "cbst":  # pass 1: class-balanced thresholds over the whole split (SPEC 2.3)
-        for idx in tqdm(batches, desc="CBST pass 1", disable=not cfg.progress, leave=False):
-            _, conf, pred = forward(idx)
+        for _, conf, pred in forward("CBST pass 1", leave=False):
             policy.observe(conf, pred)
 
     values = selectors.ClassValues(num_classes, gamma=cfg.class_value_gamma)
     stats_parts, hist_parts, donors = [], [], {c: [] for c in range(num_classes)}
     has_gt = ds.samples[0].label is not None  # diagnostics only: precision/recall of the selection
-    for idx in tqdm(batches, desc=f"pseudo-label ({cfg.policy})", disable=not cfg.progress, dynamic_ncols=True):
-        items, conf, pred = forward(idx)
+    for items, conf, pred in forward(f"pseudo-label ({cfg.policy})", dynamic_ncols=True):
         labels = policy.update(conf, pred) if cfg.policy == "ias" else policy.select(conf, pred)
         values.update(conf, labels)
         hist = selectors.confidence_histograms(conf, pred)

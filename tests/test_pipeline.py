@@ -26,7 +26,8 @@ def _pl(root, ckpt, out, **kw) -> PseudoLabelConfig:
 
 def test_pseudo_labels_deterministic_and_replayable(tiny_toytown, model_ckpt, tmp_path):
     a = generate_pseudo_labels(_pl(tiny_toytown, model_ckpt, tmp_path / "a", alpha=0.5, seed=3))
-    b = generate_pseudo_labels(_pl(tiny_toytown, model_ckpt, tmp_path / "b", alpha=0.5, seed=3))
+    # b runs one model forward per selection batch, a eight batches per forward: the same labels and thresholds
+    b = generate_pseudo_labels(_pl(tiny_toytown, model_ckpt, tmp_path / "b", alpha=0.5, seed=3, forward_batch=2))
     sa, sb = (json.loads((p / "summary.json").read_text()) for p in (a, b))
     assert sa["thresholds"] == sb["thresholds"] and sa["order"] == sb["order"]
     names = sorted(p.name for p in (a / "labels").glob("*.png"))
@@ -64,6 +65,11 @@ def test_other_seed_other_order_and_policies(tiny_toytown, model_ckpt, tmp_path)
     for policy in ("cbst", "constant", "none"):
         folder = generate_pseudo_labels(_pl(tiny_toytown, model_ckpt, tmp_path / policy, policy=policy))
         labels = np.stack([read_label(p) for p in sorted((folder / "labels").glob("*.png"))])
+        if policy == "cbst":  # both passes in forwards of 5 batches (5, 5, 2): the same labels
+            again = generate_pseudo_labels(
+                _pl(tiny_toytown, model_ckpt, tmp_path / "c10", policy=policy, forward_batch=10)
+            )
+            assert np.array_equal(labels, np.stack([read_label(p) for p in sorted((again / "labels").glob("*.png"))]))
         if policy == "none":
             assert not (labels == 255).any()
         else:
@@ -180,3 +186,25 @@ def test_demo_end_to_end_tiny(tiny_toytown, tmp_path, capsys):
     assert [s["miou"] for s in again["stages"]] == [s["miou"] for s in report["stages"]]
     assert report["resumed"] is False and again["resumed"] is True  # its wall_seconds cover the second call only
     assert "finished stages were reused" in capsys.readouterr().out
+
+
+def test_pseudo_label_batch_sizes_must_be_positive(tiny_toytown, model_ckpt, tmp_path):
+    with pytest.raises(InputError, match="forward_batch"):
+        generate_pseudo_labels(_pl(tiny_toytown, model_ckpt, tmp_path / "pl", forward_batch=0))
+    assert not (tmp_path / "pl").exists()
+
+
+def test_adabn_on_the_first_images_only(tiny_toytown, model_ckpt, tmp_path):
+    """`max_images` re-estimates BN statistics on exactly the first images (whole batches), nothing else."""
+    from hias_nb.demo import adabn_checkpoint
+    from hias_nb.train import load_model, recalibrate_bn
+
+    part = load_model(adabn_checkpoint(model_ckpt, tmp_path / "part.pt", str(tiny_toytown), 4, "cpu", 7), "cpu")
+    full = load_model(adabn_checkpoint(model_ckpt, tmp_path / "full.pt", str(tiny_toytown), 4, "cpu"), "cpu")
+    ds = SegDataset("toytown", str(tiny_toytown), "target_train")
+    direct = load_model(model_ckpt, "cpu")
+    recalibrate_bn(direct, iter([torch.stack([ds[i]["image"] for i in range(j, j + 4)]) for j in (0, 4)]), "cpu")
+    bn = "backbone.bn1.running_mean"
+    sd_part, sd_full, sd_direct = part.state_dict(), full.state_dict(), direct.state_dict()
+    assert torch.allclose(sd_part[bn], sd_direct[bn], atol=1e-6)  # 7 images: two batches of 4
+    assert not torch.allclose(sd_part[bn], sd_full[bn], atol=1e-4)
