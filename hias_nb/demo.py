@@ -74,11 +74,11 @@ def demo_config(quick: bool, **overrides) -> DemoConfig:
     if quick:
         cfg = DemoConfig(
             out="runs/demo_quick",
-            source_iterations=150,
+            source_iterations=120,
             oracle=False,
             rounds=1,
-            round_iterations=60,
-            warmup_iterations=120,
+            round_iterations=40,
+            warmup_iterations=80,
             adabn_images=256,
         )
     else:
