@@ -147,15 +147,11 @@ def run_demo(
     model = load_model(src_ckpt, device)
     stages.append(evaluate_stage(out_dir / "source_only" / "eval.json", "source_only", model, val, device))
 
+    def adabn(source: Path, out: Path) -> Path:  # the demo's one AdaBN setting, for both stages that use it
+        return adabn_checkpoint(source, out, cfg.data_root, cfg.batch_size, device, cfg.adabn_images)
+
     print("[demo] stage source_only_adabn: BatchNorm statistics re-estimated on target_train")
-    adabn_ckpt = adabn_checkpoint(
-        src_ckpt,
-        out_dir / "source_only_adabn" / "model_final.pt",
-        cfg.data_root,
-        cfg.batch_size,
-        device,
-        cfg.adabn_images,
-    )
+    adabn_ckpt = adabn(src_ckpt, out_dir / "source_only_adabn" / "model_final.pt")
     model = load_model(adabn_ckpt, device)
     stages.append(evaluate_stage(out_dir / "source_only_adabn" / "eval.json", "source_only_adabn", model, val, device))
 
@@ -176,14 +172,7 @@ def run_demo(
             )
         )
         # joint source+target batches leave mixed BN running statistics: re-estimate them on target (AdaBN)
-        generator = student = adabn_checkpoint(
-            wdir / "model_final.pt",
-            out_dir / "warmup" / "model_final.pt",
-            cfg.data_root,
-            cfg.batch_size,
-            device,
-            cfg.adabn_images,
-        )
+        generator = student = adabn(wdir / "model_final.pt", out_dir / "warmup" / "model_final.pt")
         model = load_model(student, device)
         stages.append(evaluate_stage(out_dir / "warmup" / "eval.json", "warmup", model, val, device))
 
