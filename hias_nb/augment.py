@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hias_nb.errors import InputError
+
 __all__ = [
     "CCA_OPS",
     "CITYSCAPES_MS",
@@ -64,6 +66,9 @@ __all__ = [
     "scaled_weak_defaults",
     "strong_view",
     "weak_view",
+    "crop_heights",
+    "Views",
+    "make_views",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -740,6 +745,70 @@ def strong_view(
     _check_images(images)
     params = sample_strong_params(images.shape[0], generator, blur_limit)
     return apply_strong(images, params), params.records()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The views of one self-training step: weak (teacher) and strong (student), label and provenance moved with them
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def crop_heights(pixels: tuple[int, int] | None, scale: tuple[float, float], in_h: int) -> tuple[int, int]:
+    """Inclusive crop-height range of the weak view: `pixels` when given (the paper's rows, docs/method.md §5.5),
+    else `scale` × input height (the toytown default (0.6, 1.0))."""
+    if pixels is not None:
+        return int(pixels[0]), int(pixels[1])
+    lo, hi = max(1, round(scale[0] * in_h)), max(1, round(scale[1] * in_h))
+    if lo > hi:
+        raise InputError(f"crop_scale: lower bound above upper bound: {scale}")
+    return lo, hi
+
+
+@dataclass(eq=False)
+class Views:
+    """The two views of a batch. ``weak`` (the teacher's input) and ``strong`` (the student's) are uint8
+    ``[B,3,h,w]``; ``label`` and ``provenance`` int64 ``[B,h,w]`` carry the weak view's flip and crop (the strong
+    view changes colours only); ``strong_ops`` names, per image, the CCA operations that fired."""
+
+    weak: Tensor
+    strong: Tensor
+    label: Tensor
+    provenance: Tensor
+    strong_ops: list[list[tuple[str, dict]]]
+
+
+def make_views(
+    images: Tensor,
+    label: Tensor,
+    provenance: Tensor | None = None,
+    *,
+    generator: torch.Generator,
+    crop_size: tuple[int, int] | None = None,
+    crop_height_range: tuple[int, int] | None = None,
+    crop_scale: tuple[float, float] = (0.6, 1.0),
+    crop_ratio: float = 2.0,
+    strong: bool = True,
+    blur_limit: tuple[int, int] | None = None,
+) -> Views:
+    """Weak view (flip + random-sized crop to `crop_size`, default the input size) and, on it, the strong view
+    (CCA; with ``strong=False`` the student sees the weak view). The one place training, the HPLA preview and
+    the loss maps build their views, so all three draw the same operations from the same `generator` state.
+
+    Shape: ``images`` uint8 ``[B,3,H,W]``, ``label``/``provenance`` int64 ``[B,H,W]`` (provenance: HPLA's pasted
+    class per pixel, 255 elsewhere; None = nothing pasted). `blur_limit` None scales the paper's 3–41 px kernels
+    (for 512×1024 crops) to the crop size (`scaled_blur_limit`).
+    """
+    if provenance is None:
+        provenance = torch.full_like(label, 255)
+    out_size = tuple(crop_size) if crop_size else tuple(images.shape[-2:])
+    h_range = crop_heights(crop_height_range, crop_scale, images.shape[-2])
+    weak, label, (provenance,) = weak_view(
+        images, label, (provenance,), out_size=out_size, h_range=h_range, ratio=crop_ratio, generator=generator
+    )
+    if not strong:
+        return Views(weak, weak, label, provenance, [[] for _ in range(len(weak))])
+    limit = blur_limit if blur_limit is not None else scaled_blur_limit(out_size)
+    strong_images, ops = strong_view(weak, generator=generator, blur_limit=limit)
+    return Views(weak, strong_images, label, provenance, ops)
 
 
 # ----------------------------------------------------------------------------------------------------------------

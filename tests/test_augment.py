@@ -19,7 +19,9 @@ from hias_nb.augment import (
     apply_strong,
     apply_weak,
     blur_sigma,
+    crop_heights,
     gaussian_blur,
+    make_views,
     normalize,
     opencv_gaussian_kernel,
     photometric,
@@ -134,6 +136,30 @@ def test_weak_oversized_crop_is_clamped():
     img = rand_images(200, 10, 12)
     out, _ = apply_weak(img, [], p)
     assert out.shape == (200, 3, 8, 16) and out.dtype == torch.uint8
+
+
+def test_make_views_is_weak_then_strong_on_one_generator():
+    img = rand_images(4, 32, 64, seed=3)
+    lab = torch.randint(0, 5, (4, 32, 64), generator=gen(4))
+    prov = torch.where(lab == 2, lab, torch.full_like(lab, 255))
+    v = make_views(img, lab, prov, generator=gen(5), crop_scale=(0.5, 1.0), crop_ratio=2.0)
+    # The same draws, spelled out: weak view from the generator, then CCA on it with the scaled blur range.
+    g = gen(5)
+    weak, wl, (wp,) = weak_view(img, lab, (prov,), out_size=(32, 64), h_range=(16, 32), ratio=2.0, generator=g)
+    strong, ops = strong_view(weak, g, blur_limit=(3, 3))
+    assert torch.equal(v.weak, weak) and torch.equal(v.strong, strong) and v.strong_ops == ops
+    assert torch.equal(v.label, wl) and torch.equal(v.provenance, wp)
+    # The provenance moves exactly like the label (it is a masked copy of it here).
+    assert torch.equal(v.provenance, torch.where(v.label == 2, v.label, torch.full_like(v.label, 255)))
+
+
+def test_make_views_options():
+    img = rand_images(2, 20, 40, seed=6)
+    lab = torch.randint(0, 5, (2, 20, 40), generator=gen(7))
+    v = make_views(img, lab, generator=gen(8), strong=False, crop_size=(10, 20))
+    assert v.strong is v.weak and v.weak.shape == (2, 3, 10, 20) and v.strong_ops == [[], []]
+    assert (v.provenance == 255).all() and v.provenance.shape == (2, 10, 20)
+    assert crop_heights((7, 9), (0.1, 0.2), 100) == (7, 9) and crop_heights(None, (0.5, 1.0), 20) == (10, 20)
 
 
 def test_weak_view_convenience_deterministic_and_uint8():
