@@ -60,7 +60,7 @@ def bench_ias(args: argparse.Namespace) -> None:
 
     ias = IAS(args.classes, alpha=alpha, beta=beta, gamma=gamma)
     t0 = time.perf_counter()
-    fast = [ias.update(conf, pred) for conf, pred in data]
+    fast = [ias.select(conf, pred) for conf, pred in data]
     ias.history  # noqa: B018 (built lazily; included in the time)
     t_fast = time.perf_counter() - t0
 
@@ -101,7 +101,7 @@ def bench_replay(args: argparse.Namespace) -> None:
     for instance in ("batch", "image"):
         ias = IAS(c, alpha=0.5, instance=instance)
         for conf, pred in stream:
-            ias.update(conf, pred)
+            ias.select(conf, pred)
         expected = ias.history.pivot(index="instance", columns="class", values="threshold").to_numpy()
         t0 = time.perf_counter()
         thresholds, _ = replay_ias(table, c, 0.5, 0.9, 8.0, instance=instance, batch_size=bs)

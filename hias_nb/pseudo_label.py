@@ -1,9 +1,9 @@
-"""Pseudo-label generation (SPEC.md section 2): run a model G over the target train set, select confident pixels
+"""Pseudo-label generation (docs/method.md §2): run a model G over the target train set, select confident pixels
 with a threshold policy, write label PNGs and the statistics HPLA and the notebooks read.
 
 Outputs, all in one folder that appears atomically when generation completes (a temporary sibling is renamed
 into place; a re-run finds the finished folder and resumes nothing twice, a different config is refused, never
-appended or mixed — SPEC B16):
+appended or mixed — docs/method.md §B16):
 
 - ``labels/<name>.png``: uint8, class id 0..C-1 or 255 (ignored);
 - ``stats.parquet``: one row per (image, class) with ``predicted_pixels``, ``selected_pixels``,
@@ -11,15 +11,17 @@ appended or mixed — SPEC B16):
   for adaptation), ``gt_pixels`` and ``correct_selected``;
 - ``histograms.parquet``: sparse per-(image, class) counts of float16 confidence codes — enough to replay IAS for
   any α, β, γ and instance mode without re-running the model (``hias_nb.selectors.replay_ias``);
-- ``thresholds.parquet``: the threshold history (IAS: one row per instance and class);
-- ``summary.json``: config, visiting order, final thresholds, class values (SPEC 2.6), pixel totals;
-- ``donors.json``: ``{class: [[name, pixel_count], ...]}`` (SPEC 2.6 ``samples_with_class``) for HPLA.
+- ``thresholds.parquet``: the threshold history of a selector whose thresholds evolve (IAS: one row per instance
+  and class; other policies write none);
+- ``summary.json``: config, visiting order, final thresholds, class values (docs/method.md §2.6), pixel totals;
+- ``donors.json``: ``{class: [[name, pixel_count], ...]}`` (docs/method.md §2.6 ``samples_with_class``) for HPLA.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -78,7 +80,7 @@ def visiting_order(n: int, batch_size: int, order: str, seed: int) -> list[int]:
     """The order in which images are visited (and so grouped into instances).
 
     ``seeded``: a numpy permutation of (seed); ``reference``: the permutation a ``DataLoader(shuffle=True)``
-    draws (torch's RandomSampler) — the published code's mechanism, here seeded and recorded (B11);
+    draws (torch's RandomSampler) — the published code's mechanism, here seeded and recorded (docs/method.md §B11);
     ``sorted``: file order.
     """
     if order == "sorted":
@@ -89,7 +91,8 @@ def visiting_order(n: int, batch_size: int, order: str, seed: int) -> list[int]:
     return list(torch.utils.data.RandomSampler(range(n), generator=g))
 
 
-def _policy(cfg: PseudoLabelConfig, num_classes: int):
+def _selector(cfg: PseudoLabelConfig, num_classes: int) -> selectors.Selector:
+    """The selector ``cfg.policy`` names, with its settings from ``cfg`` (the one place that reads the name)."""
     if cfg.policy == "ias":
         return selectors.IAS(
             num_classes, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, init=cfg.init, instance=cfg.instance
@@ -102,17 +105,15 @@ def _policy(cfg: PseudoLabelConfig, num_classes: int):
 
 
 def load_pseudo_summary(folder: str | Path) -> dict:
+    """``summary.json`` of a finished pseudo-label folder (see the module docstring); InputError if none."""
     folder = Path(folder)
     if not (folder / "summary.json").exists():
         raise InputError(f"{folder}: no pseudo-labels here (summary.json missing); run `hias-nb pseudo-label`")
     return read_json(folder / "summary.json")
 
 
-@torch.no_grad()
-def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
-    """Run G over the split, select, and write the folder described in the module docstring; returns it."""
-    cfg.validate()
-    out = Path(cfg.out)
+def _finished(out: Path, cfg: PseudoLabelConfig) -> bool:
+    """True if `out` already holds these pseudo-labels; raise if it holds others or anything else (never mix)."""
     if (out / "summary.json").exists():
         old = read_json(out / "summary.json")["config"]
         new = config_to_dict(cfg)
@@ -124,17 +125,151 @@ def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
                 f" there, {new[diff[0]]!r} now); choose another --out"
             )
         print(f"{out}: pseudo-labels already complete; nothing to do")
-        return out
+        return True
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out}: folder exists and is not a finished pseudo-label folder; refusing to mix")
+    return False
+
+
+def _predictions(
+    model: torch.nn.Module,
+    ds: SegDataset,
+    batches: list[list[int]],
+    per_forward: int,
+    device: torch.device,
+    bar: dict,
+) -> Iterator[tuple[list[dict], torch.Tensor, torch.Tensor]]:
+    """``(items, conf, pred)`` per selection batch, in order: conf float32 `[B,H,W]` (max softmax probability),
+    pred int64 `[B,H,W]` (argmax). ``per_forward`` batches share one model forward (eval mode: the outputs do not
+    depend on the forward's batch size). `bar`: tqdm keywords."""
+    with tqdm(total=len(batches), **bar) as progress:
+        for j in range(0, len(batches), per_forward):
+            group = batches[j : j + per_forward]
+            items = [ds[i] for idx in group for i in idx]
+            conf, pred = predict_probs(model, torch.stack([it["image"] for it in items]).to(device)).max(1)
+            start = 0
+            for idx in group:
+                sl = slice(start, start + len(idx))
+                yield items[sl], conf[sl].float(), pred[sl]
+                start += len(idx)
+                progress.update()
+
+
+def _image_stats(
+    lab: torch.Tensor, conf: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor | None, num_classes: int
+) -> tuple[pd.DataFrame, pd.Series]:
+    """Per-class statistics of one image, and which classes it has (in `pred` or `gt`: its ``stats.parquet`` rows).
+
+    Shape: `lab` (selected labels, 255 ignored), `conf`, `pred`, `gt` `[H,W]` on one device. Columns ``class``,
+    ``predicted_pixels``, ``selected_pixels`` (and ``gt_pixels``, ``correct_selected`` with `gt`),
+    ``mean_conf_predicted``, ``mean_conf_selected`` (NaN where a class has no such pixels).
+    """
+    kept = lab != IGNORE
+    zeros = torch.zeros(num_classes, device=conf.device, dtype=torch.float64)
+    counts = {  # per class [C], computed on the device, moved to the CPU once per image
+        "predicted_pixels": torch.bincount(pred.flatten(), minlength=num_classes),
+        "selected_pixels": torch.bincount(lab[kept], minlength=num_classes),
+        "sum_pred": zeros.clone().index_add_(0, pred.flatten(), conf.flatten().double()),
+        "sum_sel": zeros.clone().index_add_(0, lab[kept], conf[kept].double()),
+    }
+    if gt is not None:
+        counts["gt_pixels"] = torch.bincount(gt[gt != IGNORE], minlength=num_classes)
+        counts["correct_selected"] = torch.bincount(lab[kept & (lab == gt)], minlength=num_classes)
+    per = pd.DataFrame({k: v.cpu().numpy() for k, v in counts.items()})
+    per.insert(0, "class", np.arange(num_classes))
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN where a class has no pixels
+        per["mean_conf_predicted"] = per.pop("sum_pred") / per["predicted_pixels"]
+        per["mean_conf_selected"] = per.pop("sum_sel") / per["selected_pixels"]
+    present = per["predicted_pixels"] > 0
+    if gt is not None:
+        present |= per["gt_pixels"] > 0
+    return per, present
+
+
+class _Records:
+    """What the selection pass writes besides the labels: per-image statistics, confidence histograms, donors
+    (docs/method.md §2.6 ``samples_with_class``) and the class values."""
+
+    def __init__(self, num_classes: int, class_value_gamma: float, has_gt: bool):
+        self.num_classes, self.has_gt = num_classes, has_gt
+        self.values = selectors.ClassValues(num_classes, gamma=class_value_gamma)
+        self.stats: list[pd.DataFrame] = []
+        self.histograms: list[pd.DataFrame] = []
+        self.donors: dict[int, list] = {c: [] for c in range(num_classes)}
+
+    def add(self, items: list[dict], conf: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor) -> None:
+        """One selection batch: `conf`, `pred`, `labels` `[B,H,W]`, `items` the dataset items in that order."""
+        self.values.update(conf, labels)
+        hist = pd.DataFrame(selectors.confidence_histograms(conf, pred))
+        hist["image"] = [items[i]["name"] for i in hist["image"].to_numpy()]
+        self.histograms.append(hist)
+        for b, item in enumerate(items):
+            gt = item["label"].to(conf.device) if self.has_gt else None  # diagnostics only
+            if gt is not None and gt.shape != labels[b].shape:
+                gt = None
+            per, present = _image_stats(labels[b], conf[b], pred[b], gt, self.num_classes)
+            per.insert(0, "image", item["name"])
+            for c, n in zip(per["class"], per["selected_pixels"], strict=True):
+                if n:
+                    self.donors[int(c)].append([item["name"], int(n)])
+            self.stats.append(per[present])
+
+    def write(self, folder: Path, selector: selectors.Selector) -> pd.DataFrame:
+        """Write the Parquet files and ``donors.json`` into `folder`; returns the statistics table."""
+        stats = pd.concat(self.stats, ignore_index=True)
+        stats.to_parquet(folder / "stats.parquet", index=False)
+        pd.concat(self.histograms, ignore_index=True).to_parquet(folder / "histograms.parquet", index=False)
+        if selector.history is not None:  # thresholds that evolve along the stream (IAS)
+            selector.history.to_parquet(folder / "thresholds.parquet", index=False)
+        write_json(folder / "donors.json", {str(c): v for c, v in self.donors.items()})
+        return stats
+
+
+def _summary(
+    cfg: PseudoLabelConfig,
+    ds: SegDataset,
+    order: list[int],
+    selector: selectors.Selector,
+    values: selectors.ClassValues,
+    stats: pd.DataFrame,
+) -> dict:
+    """The content of ``summary.json`` but for ``seconds``: `stats` is the ``stats.parquet`` table."""
+    totals = stats.groupby("class")[["predicted_pixels", "selected_pixels"]].sum()
+    totals = totals.reindex(range(len(ds.protocol.classes)), fill_value=0)
+    return {
+        "config": config_to_dict(cfg),
+        "protocol": ds.protocol.name,
+        "classes": list(ds.protocol.classes),
+        "num_images": len(ds),
+        "order": [ds.samples[i].id for i in order],
+        "thresholds": [float(t) for t in selector.thresholds.tolist()],
+        "class_values": [float(v) for v in values.values.tolist()],
+        "predicted_pixels": totals["predicted_pixels"].astype(int).tolist(),
+        "selected_pixels": totals["selected_pixels"].astype(int).tolist(),
+    }
+
+
+@torch.no_grad()
+def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
+    """Run G over the split, select, and write the folder described in the module docstring; returns it.
+
+    A ``two_pass`` selector (CBST) first observes the whole split, then every selector selects batch by batch
+    in the visiting order. The folder appears atomically: everything is written to a temporary sibling first.
+
+    Args:
+        cfg: the run's settings; ``cfg.out`` is the folder.
+    """
+    cfg.validate()
+    out = Path(cfg.out)
+    if _finished(out, cfg):
+        return out
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     ds = SegDataset(cfg.dataset, cfg.data_root, cfg.split, size=cfg.resize)
     num_classes = ds.protocol.num_classes
     model = load_model(cfg.checkpoint, device, num_classes=num_classes).eval()
     order = visiting_order(len(ds), cfg.batch_size, cfg.order, cfg.seed)
-    policy = _policy(cfg, num_classes)
-
+    selector = _selector(cfg, num_classes)
     tmp = out.parent / f".{out.name}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)  # an interrupted earlier attempt: start over, never mix
@@ -143,95 +278,23 @@ def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     per_forward = max(1, cfg.forward_batch // cfg.batch_size)
 
-    def forward(desc: str, **bar):
-        """(items, conf [B,H,W] float32, pred [B,H,W]) per selection batch, in `order`. Several batches share one
-        model forward (eval mode: the outputs do not depend on the forward's batch size)."""
-        with tqdm(total=len(batches), desc=desc, disable=not cfg.progress, **bar) as progress:
-            for j in range(0, len(batches), per_forward):
-                group = batches[j : j + per_forward]
-                items = [ds[i] for idx in group for i in idx]
-                conf, pred = predict_probs(model, torch.stack([it["image"] for it in items]).to(device)).max(1)
-                start = 0
-                for idx in group:
-                    sl = slice(start, start + len(idx))
-                    yield items[sl], conf[sl].float(), pred[sl]
-                    start += len(idx)
-                    progress.update()
+    def predictions(desc: str, **bar) -> Iterator[tuple[list[dict], torch.Tensor, torch.Tensor]]:
+        return _predictions(model, ds, batches, per_forward, device, dict(desc=desc, disable=not cfg.progress, **bar))
 
-    if cfg.policy == "cbst":  # pass 1: class-balanced thresholds over the whole split (SPEC 2.3)
-        for _, conf, pred in forward("CBST pass 1", leave=False):
-            policy.observe(conf, pred)
-
-    values = selectors.ClassValues(num_classes, gamma=cfg.class_value_gamma)
-    stats_parts, hist_parts, donors = [], [], {c: [] for c in range(num_classes)}
-    has_gt = ds.samples[0].label is not None  # diagnostics only: precision/recall of the selection
-    for items, conf, pred in forward(f"pseudo-label ({cfg.policy})", dynamic_ncols=True):
-        labels = policy.update(conf, pred) if cfg.policy == "ias" else policy.select(conf, pred)
-        values.update(conf, labels)
-        hist = selectors.confidence_histograms(conf, pred)
-        hist = pd.DataFrame(hist) if not isinstance(hist, pd.DataFrame) else hist
-        hist["image"] = [items[i]["name"] for i in hist["image"].to_numpy()]
-        hist_parts.append(hist)
-        for b, item in enumerate(items):
-            lab, cb, pb = labels[b], conf[b], pred[b]
+    if selector.two_pass:  # pass 1, e.g. CBST's class-balanced thresholds over the whole split (docs/method.md §2.3)
+        for _, conf, pred in predictions(f"{type(selector).__name__} pass 1", leave=False):
+            selector.observe(conf, pred)
+    records = _Records(num_classes, cfg.class_value_gamma, has_gt=ds.samples[0].label is not None)
+    for items, conf, pred in predictions(f"pseudo-label ({cfg.policy})", dynamic_ncols=True):
+        labels = selector.select(conf, pred)
+        for item, lab in zip(items, labels, strict=True):
             write_png(tmp / "labels" / f"{item['name']}.png", lab.to(torch.uint8).cpu().numpy())
-            gt = item["label"].to(device) if has_gt else None
-            if gt is not None and gt.shape != lab.shape:
-                gt = None
-            kept = lab != IGNORE
-            counts = {  # per class [C], computed on the device, moved to the CPU once per image
-                "predicted_pixels": torch.bincount(pb.flatten(), minlength=num_classes),
-                "selected_pixels": torch.bincount(lab[kept], minlength=num_classes),
-                "sum_pred": torch.zeros(num_classes, device=device, dtype=torch.float64).index_add_(
-                    0, pb.flatten(), cb.flatten().double()
-                ),
-                "sum_sel": torch.zeros(num_classes, device=device, dtype=torch.float64).index_add_(
-                    0, lab[kept], cb[kept].double()
-                ),
-            }
-            if gt is not None:
-                counts["gt_pixels"] = torch.bincount(gt[gt != IGNORE], minlength=num_classes)
-                counts["correct_selected"] = torch.bincount(lab[kept & (lab == gt)], minlength=num_classes)
-            per = pd.DataFrame({k: v.cpu().numpy() for k, v in counts.items()})
-            per.insert(0, "class", np.arange(num_classes))
-            per.insert(0, "image", item["name"])
-            for c, n in zip(per["class"], per["selected_pixels"], strict=True):
-                if n:
-                    donors[int(c)].append([item["name"], int(n)])
-            with np.errstate(invalid="ignore", divide="ignore"):  # NaN where a class has no pixels
-                per["mean_conf_predicted"] = per.pop("sum_pred") / per["predicted_pixels"]
-                per["mean_conf_selected"] = per.pop("sum_sel") / per["selected_pixels"]
-            present = per["predicted_pixels"] > 0
-            if gt is not None:
-                present |= per["gt_pixels"] > 0
-            stats_parts.append(per[present])
+        records.add(items, conf, pred, labels)
 
-    stats = pd.concat(stats_parts, ignore_index=True)
-    stats.to_parquet(tmp / "stats.parquet", index=False)
-    pd.concat(hist_parts, ignore_index=True).to_parquet(tmp / "histograms.parquet", index=False)
-    if cfg.policy == "ias":
-        policy.history.to_parquet(tmp / "thresholds.parquet", index=False)
-    thresholds = policy.thresholds
-    thresholds = None if thresholds is None else [float(t) for t in torch.as_tensor(thresholds).tolist()]
-    totals = (
-        stats.groupby("class")[["predicted_pixels", "selected_pixels"]].sum().reindex(range(num_classes), fill_value=0)
-    )
-    write_json(tmp / "donors.json", {str(c): v for c, v in donors.items()})
-    write_json(
-        tmp / "summary.json",
-        {
-            "config": config_to_dict(cfg),
-            "protocol": ds.protocol.name,
-            "classes": list(ds.protocol.classes),
-            "num_images": len(ds),
-            "order": [ds.samples[i].id for i in order],
-            "thresholds": thresholds,
-            "class_values": [float(v) for v in values.values.tolist()],
-            "predicted_pixels": totals["predicted_pixels"].astype(int).tolist(),
-            "selected_pixels": totals["selected_pixels"].astype(int).tolist(),
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
-    )
+    stats = records.write(tmp, selector)
+    summary = _summary(cfg, ds, order, selector, records.values, stats)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(tmp / "summary.json", summary)
     if out.exists():
         out.rmdir()  # empty (checked above)
     tmp.rename(out)

@@ -1,4 +1,8 @@
-"""Pseudo-label selectors: IAS, CBST, constant and no threshold (SPEC.md sections 2.2-2.6, 9.2, 11).
+"""Pseudo-label selectors: IAS, CBST, constant and no threshold (docs/method.md §2.2-2.6, §9.2, §11).
+
+Every selector is a ``Selector``: ``select(conf, pred) -> labels`` per batch, ``thresholds`` float64 ``[C]``.
+IAS updates its thresholds inside ``select`` (one stream, in visiting order); CBST is ``two_pass``: it must
+``observe`` every batch of the split before its first ``select``.
 
 IAS is the Instance Adaptive Selector of IAST (Mei et al., ECCV 2020) as HIAST (Zhu et al., TPAMI 2025) uses
 it. Per instance (one generation batch, or one image) and class ``c``:
@@ -12,7 +16,8 @@ it. Per instance (one generation batch, or one image) and class ``c``:
 The results are bit-identical to the slow reference (Python lists of float16 scalars and ``np.quantile``):
 confidences in [0, 1] have at most 15361 distinct float16 values, so a class's sample set is a histogram over
 float16 bit patterns ("codes"), whose order statistics come from cumulative counts; the quantile then repeats
-numpy's arithmetic (virtual index ``(n - 1) * q``, floor, ``_lerp``) on those order statistics.
+numpy's arithmetic (virtual index ``(n - 1) * q``, floor, ``_lerp``) on those order statistics. The slow
+reference itself is ``ias_reference``: the documented definition, which the tests hold ``IAS`` to.
 
 The same histograms, stored per image (``confidence_histograms``), replay IAS exactly for any alpha, beta,
 gamma and instance mode without the model (``replay_ias``; used by the notebooks' sliders).
@@ -24,7 +29,7 @@ returned labels int64 ``[B,H,W]`` with 255 where ignored.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -35,10 +40,14 @@ from hias_nb.errors import InputError
 
 __all__ = [
     "NUM_CODES",
+    "Selector",
     "IAS",
+    "ias_reference",
+    "ias_reference_instance",
     "CBST",
     "Constant",
     "NoThreshold",
+    "cbst_from_histograms",
     "ClassValues",
     "confidence_histograms",
     "ConfidenceHistogram",
@@ -98,6 +107,13 @@ def _check_unit(value: float, name: str, who: str) -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0:
         raise InputError(f"{who} {name}={value!r}: must be in [0, 1]")
+    return value
+
+
+def _check_gamma(gamma: float, who: str) -> float:
+    value = float(gamma)
+    if not (np.isfinite(value) and value >= 0):
+        raise InputError(f"{who} gamma={gamma!r}: must be a finite number >= 0")
     return value
 
 
@@ -190,7 +206,7 @@ def _linear_quantile(level: np.ndarray, n: np.ndarray, order_stat: Callable[[np.
 def _ias_step(
     theta: np.ndarray, samples: _SortedSamples, segs: np.ndarray, alpha: float, beta: float, gamma: float
 ) -> np.ndarray:
-    """One IAS update (SPEC 2.2 steps 1-4): float64 thresholds `[C]` -> updated float64 thresholds `[C]`."""
+    """One IAS update (docs/method.md §2.2 steps 1-4): float64 thresholds `[C]` -> updated float64 thresholds `[C]`."""
     # Quantile level per class, with Python floats: the scalar pow of the reference (SIMD pow may differ by 1 ulp).
     level = np.array([1.0 - alpha * t**gamma for t in theta.tolist()], dtype=np.float64)
     m = samples.count[segs]
@@ -224,20 +240,62 @@ def _select(conf: torch.Tensor, pred: torch.Tensor, theta: np.ndarray) -> torch.
 # Policies
 
 
-class IAS:
-    """Instance Adaptive Selector (SPEC 2.2), reference semantics, exact.
+class Selector:
+    """The interface of every pseudo-label selector (docs/method.md §2.2-2.3).
+
+    ``select(conf, pred)`` returns the labels of one batch: ``pred`` where ``conf >= thresholds[pred]``, else 255
+    (a stream-updating selector, IAS, first updates its thresholds with the batch). ``thresholds`` are the current
+    thresholds; ``history`` the thresholds after each instance where they evolve along the stream (IAS), else
+    None. A ``two_pass`` selector (CBST) must ``observe`` every batch of the split before its first ``select``;
+    the others ignore ``observe``. Subclasses define ``thresholds`` and, where they select otherwise, ``_labels``.
+
+    Shapes: ``conf`` float32 `[B,H,W]` in [0, 1], ``pred`` integer `[B,H,W]` in 0..C-1; labels int64 `[B,H,W]`;
+    ``thresholds`` float64 `[C]`.
+    """
+
+    two_pass: ClassVar[bool] = False
+    num_classes: int
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """Current thresholds, float64 `[C]`."""
+        raise NotImplementedError
+
+    @property
+    def history(self) -> pd.DataFrame | None:
+        """Thresholds per instance of a stream-updating selector; None where they do not evolve."""
+        return None
+
+    def observe(self, conf: torch.Tensor, pred: torch.Tensor) -> None:
+        """First pass of a ``two_pass`` selector: take in one batch (nothing to do for the others)."""
+
+    def select(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Labels `[B,H,W]` int64 of one batch: class id or 255 (ignored)."""
+        conf, pred = _check_inputs(conf, pred, self.num_classes, f"{type(self).__name__}.select")
+        return self._labels(conf, pred)
+
+    def _labels(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Labels of checked inputs: keep ``conf >= thresholds[pred]``."""
+        return _select(conf, pred, self.thresholds.numpy())
+
+
+class IAS(Selector):
+    """Instance Adaptive Selector (docs/method.md §2.2): exact, fast, and equal to ``ias_reference`` bit for bit.
+
+    ``select`` first updates the thresholds with the batch's instance(s), then keeps the pixels at or above the
+    updated thresholds; calls must come in visiting order.
 
     Args:
         num_classes: C.
         alpha, beta, gamma: keep fraction scale, threshold EMA momentum, hard-class weight-decay exponent.
         init: initial threshold of every class.
-        instance: ``"batch"``: each ``update`` call is one instance (the reference, with its batches of 2);
+        instance: ``"batch"``: each ``select`` call is one instance (the reference, with its batches of 2);
             ``"image"``: each image is one instance, in order (the paper's wording).
 
     Example::
 
         ias = IAS(19, alpha=0.5)
-        labels = ias.update(conf, pred)  # conf float32 [B,H,W], pred int64 [B,H,W] -> int64 [B,H,W]
+        labels = ias.select(conf, pred)  # conf float32 [B,H,W], pred int64 [B,H,W] -> int64 [B,H,W]
         ias.thresholds                   # float64 [19]
     """
 
@@ -254,9 +312,7 @@ class IAS:
         self.num_classes = _check_num_classes(num_classes, who)
         self.alpha = _check_unit(alpha, "alpha", who)
         self.beta = _check_unit(beta, "beta", who)
-        self.gamma = float(gamma)
-        if not (np.isfinite(self.gamma) and self.gamma >= 0):
-            raise InputError(f"{who} gamma={gamma!r}: must be a finite number >= 0")
+        self.gamma = _check_gamma(gamma, who)
         self.init = _check_unit(init, "init", who)
         self.instance = _check_instance(instance, who)
         self._theta = np.full(num_classes, self.init, dtype=np.float64)
@@ -267,9 +323,8 @@ class IAS:
         """Current thresholds, float64 `[C]`."""
         return torch.from_numpy(self._theta.copy())
 
-    def update(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """Update the thresholds with this call's instance(s) and return labels `[B,H,W]` selected with them."""
-        conf, pred = _check_inputs(conf, pred, self.num_classes, "IAS.update")
+    def _labels(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Update the thresholds with this call's instance(s); labels selected with the updated ones."""
         classes = np.arange(self.num_classes)
         labels = torch.empty_like(pred)
         parts = [slice(None)] if self.instance == "batch" else [slice(b, b + 1) for b in range(conf.shape[0])]
@@ -305,13 +360,21 @@ class IAS:
         )
 
 
-class CBST:
-    """Class-balanced thresholds (SPEC 2.3), exact and without the reference's 1/4 subsampling (B13).
+class CBST(Selector):
+    """Class-balanced thresholds (docs/method.md §2.3), exact and without the reference's 1/4 subsampling
+    (docs/method.md §B13).
 
-    ``observe`` any number of batches, then ``thresholds[c]`` is the ``1 - p`` linear quantile (float64) of all
-    float16-rounded confidences predicted as c (1.0 for a class never predicted: the reference crashes there).
-    Memory is one histogram of ``C x 15361`` counts, whatever the number of pixels.
+    Two passes: ``observe`` every batch, then ``thresholds[c]`` is the ``1 - p`` linear quantile (float64) of all
+    float16-rounded confidences predicted as c (1.0 for a class never predicted: the reference crashes there),
+    and ``select`` keeps ``conf >= thresholds[pred]``. Memory is one histogram of ``C x 15361`` counts, whatever
+    the number of pixels.
+
+    Args:
+        num_classes: C.
+        p: the fraction of each class's predicted pixels to keep.
     """
+
+    two_pass = True
 
     def __init__(self, num_classes: int, p: float = 0.2):
         self.num_classes = _check_num_classes(num_classes, "CBST")
@@ -323,8 +386,11 @@ class CBST:
         """Add a batch's float16-rounded confidences to the per-class histograms."""
         conf, pred = _check_inputs(conf, pred, self.num_classes, "CBST.observe")
         key = pred.reshape(-1) * NUM_CODES + _fp16_codes(conf.reshape(-1))
-        nz, count = _histogram(key, self.num_classes * NUM_CODES)
-        self._hist[nz] += count
+        self._add(*_histogram(key, self.num_classes * NUM_CODES))
+
+    def _add(self, key: np.ndarray, count: np.ndarray) -> None:
+        """Add `count` samples at each distinct ``class * NUM_CODES + code`` key (int64 `[K]` each)."""
+        self._hist[key] += count
         self._theta = None
 
     @property
@@ -340,14 +406,39 @@ class CBST:
             self._theta = np.where(n > 0, q, 1.0)  # never predicted: 1.0
         return torch.from_numpy(self._theta.copy())
 
-    def select(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """Labels `[B,H,W]`: pred where ``conf >= thresholds[pred]``, else 255."""
-        conf, pred = _check_inputs(conf, pred, self.num_classes, "CBST.select")
-        return _select(conf, pred, self.thresholds.numpy())
+
+def cbst_from_histograms(hist: Mapping[str, np.ndarray] | pd.DataFrame, num_classes: int, p: float = 0.2) -> np.ndarray:
+    """CBST thresholds (docs/method.md §2.3, without subsampling) from recorded float16 confidence histograms.
+
+    The rows' counts fill a ``CBST``'s per-class histogram (no sample is expanded), so the result equals
+    ``CBST(num_classes, p).thresholds`` after observing the same pixels: per class the ``1 - p`` linear quantile
+    of every float16 confidence predicted as that class, 1.0 for a class never predicted.
+
+    Args:
+        hist: rows of ``confidence_histograms`` (a mapping or DataFrame with columns ``class``, ``code``,
+            ``count``; other columns are ignored), e.g. a pseudo-label folder's ``histograms.parquet``.
+        num_classes: C.
+        p: the fraction of each class's predicted pixels to keep.
+
+    Returns:
+        float64 `[C]`.
+    """
+    cls, code, count = _histogram_rows(hist, num_classes, ("class", "code", "count"))
+    key = cls.astype(np.int64) * NUM_CODES + code
+    total = np.bincount(key, weights=count, minlength=num_classes * NUM_CODES)  # exact: integers < 2**53
+    nz = np.flatnonzero(total)
+    cbst = CBST(num_classes, p)
+    cbst._add(nz, total[nz].astype(np.int64))
+    return cbst.thresholds.numpy()
 
 
-class Constant:
-    """One fixed threshold for every class (SPEC 2.3 "CT"): keep ``conf >= threshold``."""
+class Constant(Selector):
+    """One fixed threshold for every class (docs/method.md §2.3 "CT"): keep ``conf >= threshold``.
+
+    Args:
+        num_classes: C.
+        threshold: the threshold of every class.
+    """
 
     def __init__(self, num_classes: int, threshold: float = 0.9):
         self.num_classes = _check_num_classes(num_classes, "Constant")
@@ -357,30 +448,113 @@ class Constant:
 
     @property
     def thresholds(self) -> torch.Tensor:
+        """``threshold`` for every class, float64 `[C]`."""
         return torch.full((self.num_classes,), self.threshold, dtype=torch.float64)
 
-    def select(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        conf, pred = _check_inputs(conf, pred, self.num_classes, "Constant.select")
-        return _select(conf, pred, self.thresholds.numpy())
 
+class NoThreshold(Selector):
+    """Plain argmax, nothing ignored (docs/method.md §2.3 "NT"); ``thresholds`` are zeros (every ``conf >= 0``).
 
-class NoThreshold:
-    """Plain argmax, nothing ignored (SPEC 2.3 "NT"); ``thresholds`` are zeros (every ``conf >= 0``)."""
+    Args:
+        num_classes: C.
+    """
 
     def __init__(self, num_classes: int):
         self.num_classes = _check_num_classes(num_classes, "NoThreshold")
 
     @property
     def thresholds(self) -> torch.Tensor:
+        """Zeros, float64 `[C]`."""
         return torch.zeros(self.num_classes, dtype=torch.float64)
 
-    def select(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        conf, pred = _check_inputs(conf, pred, self.num_classes, "NoThreshold.select")
+    def _labels(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         return pred.clone()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# IAS written plainly: the definition the fast IAS is tested against
+
+
+def ias_reference_instance(
+    theta: np.ndarray, conf: np.ndarray, pred: np.ndarray, num_classes: int, alpha: float, beta: float, gamma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One IAS instance written plainly (docs/method.md §2.2): the method's formula, slow (lists, per pixel).
+
+    For each class c, with the instance's confidences ``q_i`` of the pixels predicted c::
+
+        S_c     = [theta_c] + [float16(q_i) for i with pred_i == c]     (the old threshold is one sample)
+        psi_c   = float32(np.quantile(S_c, 1 - alpha * theta_c**gamma))  (numpy's default "linear" quantile)
+        theta_c = beta * theta_c + (1 - beta) * psi_c,  then theta_c >= 1 -> 0.999  (no lower clip)
+
+    and pixel i keeps ``pred_i`` iff its float32 ``q_i >= theta[pred_i]`` with the *updated* thresholds (compared
+    as numpy does, in float64), else 255. ``IAS`` computes exactly this, bit for bit, from histograms.
+
+    Args:
+        theta: thresholds before the instance, float64 `[C]` (not modified).
+        conf: max softmax probability, float32 numpy `[B,H,W]` (or any shape matching `pred`).
+        pred: argmax class ids 0..C-1, integer numpy, same shape.
+        num_classes, alpha, beta, gamma: as ``IAS``.
+
+    Returns:
+        (updated thresholds float64 `[C]`, labels int64 shaped like `pred`).
+    """
+    conf16 = conf.astype(np.float16).ravel()
+    flat_pred = pred.ravel()
+    psi = np.zeros(num_classes, dtype=np.float32)
+    for c in range(num_classes):
+        samples = [theta[c]]
+        samples.extend(conf16[flat_pred == c])
+        psi[c] = np.quantile(samples, 1 - alpha * theta[c] ** gamma)
+    theta = beta * theta + (1 - beta) * psi
+    theta[theta >= 1] = 0.999
+    labels = np.empty(pred.size, dtype=np.int64)
+    for i, (q, p) in enumerate(zip(conf.ravel(), flat_pred, strict=True)):
+        labels[i] = p if q >= theta[p] else IGNORE  # fp32 q against float64 theta, as numpy compares
+    return theta, labels.reshape(pred.shape)
+
+
+def ias_reference(
+    conf: np.ndarray,
+    pred: np.ndarray,
+    num_classes: int,
+    alpha: float = 0.2,
+    beta: float = 0.9,
+    gamma: float = 8.0,
+    init: float = 0.9,
+    instance: Instance = "batch",
+    batch_size: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """IAS over a stream of images in visiting order, written plainly (``ias_reference_instance`` per instance).
+
+    Instances are groups of ``batch_size`` consecutive images (the last may be smaller) or, for
+    ``instance="image"``, single images; every threshold starts at ``init``.
+
+    Args:
+        conf: float32 numpy `[N,H,W]`; pred: integer numpy `[N,H,W]`, class ids 0..C-1.
+        num_classes, alpha, beta, gamma, init, instance: as ``IAS``.
+        batch_size: images per instance when ``instance="batch"``.
+
+    Returns:
+        (thresholds after each instance float64 `[n_instances, C]`, labels int64 `[N,H,W]`).
+    """
+    theta = np.full(num_classes, init, dtype=np.float64)
+    size = 1 if instance == "image" else batch_size
+    thetas, labels = [], []
+    for s in range(0, len(conf), size):
+        theta, lab = ias_reference_instance(
+            theta, conf[s : s + size], pred[s : s + size], num_classes, alpha, beta, gamma
+        )
+        thetas.append(theta.copy())
+        labels.append(lab)
+    return np.stack(thetas), np.concatenate(labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class values
+
+
 class ClassValues:
-    """Class value ``v_c`` (SPEC 2.6): EMA over instances of the mean fp32 confidence of selected pixels.
+    """Class value ``v_c`` (docs/method.md §2.6): EMA over instances of the mean fp32 confidence of selected pixels.
 
     ``update(conf, labels)`` per instance: ``m_c`` = mean ``conf`` over pixels whose selected label is c
     (computed in float64); classes without such pixels are skipped; ``v_c <- m_c`` the first time
@@ -455,17 +629,7 @@ class ConfidenceHistogram:
 
     def __init__(self, rows: Mapping[str, np.ndarray] | pd.DataFrame, num_classes: int):
         self.num_classes = _check_num_classes(num_classes, "ConfidenceHistogram")
-        missing = [c for c in ("image", "class", "code", "count") if c not in rows]
-        if missing:
-            raise InputError(f"histogram rows: missing column(s) {missing}; expected image, class, code, count")
-        image, cls, code = np.asarray(rows["image"]), np.asarray(rows["class"]), np.asarray(rows["code"])
-        count = np.asarray(rows["count"])
-        if len(cls) and (cls.min() < 0 or cls.max() >= num_classes):
-            raise InputError(f"histogram rows: class ids must be in 0..{num_classes - 1}")
-        if len(code) and (code.min() < 0 or code.max() >= NUM_CODES):
-            raise InputError(f"histogram rows: code must be a float16 bit pattern in 0..{NUM_CODES - 1}")
-        if len(count) and count.min() <= 0:
-            raise InputError("histogram rows: count must be positive")
+        image, cls, code, count = _histogram_rows(rows, num_classes, ("image", "class", "code", "count"))
         position, self.images = _image_positions(image)  # images in recorded order
         # key = (position * C + class) * NUM_CODES + code, built in place in one int64 array
         key = position
@@ -496,6 +660,24 @@ class ConfidenceHistogram:
             n = -(-self.num_images // size)
             self._cache[size] = (_SortedSamples(key, count, n * self.num_classes), n)
         return self._cache[size]
+
+
+def _histogram_rows(
+    rows: Mapping[str, np.ndarray] | pd.DataFrame, num_classes: int, columns: tuple[str, ...]
+) -> list[np.ndarray]:
+    """The named columns of histogram rows as numpy arrays, checked: present, classes in 0..C-1, codes float16
+    bit patterns of [0, 1], counts positive."""
+    missing = [c for c in columns if c not in rows]
+    if missing:
+        raise InputError(f"histogram rows: missing column(s) {missing}; expected {', '.join(columns)}")
+    cls, code, count = (np.asarray(rows[c]) for c in ("class", "code", "count"))
+    if len(cls) and (cls.min() < 0 or cls.max() >= num_classes):
+        raise InputError(f"histogram rows: class ids must be in 0..{num_classes - 1}")
+    if len(code) and (code.min() < 0 or code.max() >= NUM_CODES):
+        raise InputError(f"histogram rows: code must be a float16 bit pattern in 0..{NUM_CODES - 1}")
+    if len(count) and count.min() <= 0:
+        raise InputError("histogram rows: count must be positive")
+    return [np.asarray(rows[c]) for c in columns]
 
 
 def _image_positions(image: np.ndarray) -> tuple[np.ndarray, pd.Index]:
@@ -533,9 +715,7 @@ def replay_ias(
     """
     who = "replay_ias"
     alpha, beta, init = _check_unit(alpha, "alpha", who), _check_unit(beta, "beta", who), _check_unit(init, "init", who)
-    gamma = float(gamma)
-    if not (np.isfinite(gamma) and gamma >= 0):
-        raise InputError(f"{who} gamma={gamma!r}: must be a finite number >= 0")
+    gamma = _check_gamma(gamma, who)
     instance = _check_instance(instance, who)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"{who} batch_size={batch_size!r}: must be a positive integer")

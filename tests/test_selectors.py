@@ -1,4 +1,5 @@
-"""Tests for hias_nb.selectors against plain, slow implementations of SPEC.md 2.2-2.6 written out here."""
+"""Tests for hias_nb.selectors: the fast IAS against its plain definition ``ias_reference`` (docs/method.md §2.2),
+CBST, Constant and NoThreshold against direct computations (§2.3), class values (§2.6), replay from histograms."""
 
 from __future__ import annotations
 
@@ -15,45 +16,17 @@ from hias_nb.selectors import (
     ConfidenceHistogram,
     Constant,
     NoThreshold,
+    Selector,
     _linear_quantile,
     _SortedSamples,
+    cbst_from_histograms,
     confidence_histograms,
+    ias_reference,
     replay_ias,
 )
 
 # ------------------------------------------------------------------------------------------------------------
-# Slow references, written plainly from SPEC.md 2.2 (Python lists of float16 values, np.quantile, per pixel)
-
-
-def reference_ias_instance(theta, conf, pred, num_classes, alpha, beta, gamma):
-    """One IAS instance: returns (new theta float64 [C], labels like pred). conf float32, pred int arrays."""
-    conf16 = conf.astype(np.float16).ravel()
-    flat_pred = pred.ravel()
-    psi = np.zeros(num_classes, dtype=np.float32)
-    for c in range(num_classes):
-        samples = [theta[c]]
-        samples.extend(conf16[flat_pred == c])
-        psi[c] = np.quantile(samples, 1 - alpha * theta[c] ** gamma)
-    theta = beta * theta + (1 - beta) * psi
-    theta[theta >= 1] = 0.999
-    labels = np.empty(pred.size, dtype=np.int64)
-    for i, (q, p) in enumerate(zip(conf.ravel(), flat_pred, strict=True)):
-        labels[i] = p if q >= theta[p] else 255  # fp32 q against float64 theta, as numpy compares
-    return theta, labels.reshape(pred.shape)
-
-
-def reference_ias(conf, pred, num_classes, alpha, beta, gamma, init, instance, batch_size):
-    """Whole stream of images; returns (theta per instance [n, C], labels [N,H,W])."""
-    theta = np.full(num_classes, init, dtype=np.float64)
-    size = 1 if instance == "image" else batch_size
-    thetas, labels = [], []
-    for s in range(0, len(conf), size):
-        theta, lab = reference_ias_instance(
-            theta, conf[s : s + size], pred[s : s + size], num_classes, alpha, beta, gamma
-        )
-        thetas.append(theta.copy())
-        labels.append(lab)
-    return np.stack(thetas), np.concatenate(labels)
+# Streams
 
 
 def random_stream(seed, n_images, num_classes, h=6, w=10, absent=(1,)):
@@ -88,9 +61,9 @@ def random_stream(seed, n_images, num_classes, h=6, w=10, absent=(1,)):
 )
 def test_ias_matches_reference_bit_for_bit(seed, num_classes, alpha, beta, gamma, init, instance):
     conf, pred = random_stream(seed, 6, num_classes)
-    ref_theta, ref_labels = reference_ias(conf, pred, num_classes, alpha, beta, gamma, init, instance, 2)
+    ref_theta, ref_labels = ias_reference(conf, pred, num_classes, alpha, beta, gamma, init, instance, 2)
     ias = IAS(num_classes, alpha=alpha, beta=beta, gamma=gamma, init=init, instance=instance)
-    labels = [ias.update(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2])) for s in (0, 2, 4)]
+    labels = [ias.select(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2])) for s in (0, 2, 4)]
     assert torch.cat(labels).dtype == torch.int64
     np.testing.assert_array_equal(torch.cat(labels).numpy(), ref_labels)
     got = ias.history.pivot(index="instance", columns="class", values="threshold").to_numpy()
@@ -104,9 +77,9 @@ def test_ias_clip_path_near_one():
     conf = np.full((2, 4, 4), 0.99995, dtype=np.float32)  # float16(0.99995) == 1.0
     conf[0, 0, 0] = 0.99899  # just below the clipped threshold: ignored
     pred = np.zeros((2, 4, 4), dtype=np.int64)
-    ref_theta, ref_labels = reference_ias(conf, pred, 2, 0.2, 0.0, 8.0, 0.9, "batch", 2)
+    ref_theta, ref_labels = ias_reference(conf, pred, 2, 0.2, 0.0, 8.0, 0.9, "batch", 2)
     ias = IAS(2, beta=0.0)
-    labels = ias.update(torch.from_numpy(conf), torch.from_numpy(pred))
+    labels = ias.select(torch.from_numpy(conf), torch.from_numpy(pred))
     assert ias.thresholds[0].item() == 0.999 == ref_theta[-1, 0]
     np.testing.assert_array_equal(labels.numpy(), ref_labels)
     assert labels[0, 0, 0] == 255 and (labels.flatten()[1:] == 0).all()
@@ -119,7 +92,7 @@ def test_ias_pixel_exactly_at_threshold_is_kept():
     conf[0, 0, 0] = np.nextafter(np.float32(0.75), np.float32(0))  # same float16 sample, but q < theta
     pred = np.zeros((1, 10, 10), dtype=np.int64)
     ias = IAS(1, alpha=0.2, beta=0.0, gamma=8.0)
-    labels = ias.update(torch.from_numpy(conf), torch.from_numpy(pred))
+    labels = ias.select(torch.from_numpy(conf), torch.from_numpy(pred))
     assert ias.thresholds[0].item() == 0.75
     assert labels[0, 0, 0] == 255
     assert (labels.flatten()[1:] == 0).all()
@@ -140,7 +113,7 @@ def test_ias_hand_computed_example():
     conf = torch.tensor([[[0.5, 0.75, 1.0], [0.625, 0.9375, 1.0]]], dtype=torch.float32)
     pred = torch.tensor([[[0, 0, 0], [1, 1, 0]]])
     ias = IAS(3, alpha=0.5, beta=0.5, gamma=1.0, init=0.9)
-    labels = ias.update(conf, pred)
+    labels = ias.select(conf, pred)
     theta = ias.thresholds.numpy()
     assert theta[0] == pytest.approx(0.45 + 0.5 * 0.92, abs=1e-7)
     assert theta[1] == pytest.approx(0.45 + 0.5 * 0.90375, abs=1e-7)
@@ -158,8 +131,8 @@ def test_ias_hand_computed_example():
 def test_ias_history_accumulates_over_calls_and_images():
     conf, pred = random_stream(7, 3, 4)
     ias = IAS(4, instance="image")
-    ias.update(torch.from_numpy(conf[:2]), torch.from_numpy(pred[:2]))
-    ias.update(torch.from_numpy(conf[2:]), torch.from_numpy(pred[2:]))
+    ias.select(torch.from_numpy(conf[:2]), torch.from_numpy(pred[:2]))
+    ias.select(torch.from_numpy(conf[2:]), torch.from_numpy(pred[2:]))
     hist = ias.history
     assert len(hist) == 3 * 4
     assert hist["instance"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -170,13 +143,14 @@ def test_ias_history_accumulates_over_calls_and_images():
 
 
 def test_ias_keep_fraction_tracks_alpha_theta_gamma():
-    """SPEC 2.2: the realised keep fraction is about alpha * theta**gamma (beta=0: theta is the candidate)."""
+    """docs/method.md §2.2: the realised keep fraction is about alpha * theta**gamma (beta=0: theta is the
+    candidate)."""
     g = torch.Generator().manual_seed(0)
     conf = 0.5 + 0.5 * torch.rand(1, 256, 256, generator=g)
     pred = torch.zeros(1, 256, 256, dtype=torch.int64)
     for alpha, init in [(0.5, 0.9), (0.2, 0.98), (0.5, 0.84)]:
         ias = IAS(1, alpha=alpha, beta=0.0, gamma=8.0, init=init)
-        kept = (ias.update(conf, pred) != 255).float().mean().item()
+        kept = (ias.select(conf, pred) != 255).float().mean().item()
         assert kept == pytest.approx(alpha * init**8, abs=0.003)
 
 
@@ -185,25 +159,25 @@ def test_ias_input_validation():
     conf = torch.full((1, 2, 2), 0.5)
     pred = torch.zeros(1, 2, 2, dtype=torch.int64)
     with pytest.raises(InputError, match="same shape"):
-        ias.update(conf, pred[:, :1])
+        ias.select(conf, pred[:, :1])
     with pytest.raises(InputError, match="float32"):
-        ias.update(conf.double(), pred)
+        ias.select(conf.double(), pred)
     with pytest.raises(InputError, match="integer"):
-        ias.update(conf, pred.float())
+        ias.select(conf, pred.float())
     with pytest.raises(InputError, match="class 3"):
-        ias.update(conf, pred + 3)
+        ias.select(conf, pred + 3)
     with pytest.raises(InputError, match="class 255"):
-        ias.update(conf, torch.full((1, 2, 2), 255))
+        ias.select(conf, torch.full((1, 2, 2), 255))
     with pytest.raises(InputError, match=r"\[0, 1\]"):
-        ias.update(conf * 3, pred)
+        ias.select(conf * 3, pred)
     with pytest.raises(InputError, match=r"\[0, 1\]"):
-        ias.update(torch.full((1, 2, 2), float("nan")), pred)
+        ias.select(torch.full((1, 2, 2), float("nan")), pred)
     with pytest.raises(InputError, match="instance"):
         IAS(3, instance="pixel")
     with pytest.raises(InputError, match="alpha"):
         IAS(3, alpha=1.5)
     assert ias.history.empty  # nothing was recorded by failed calls
-    labels = ias.update(conf, pred.int())  # other integer dtypes are accepted
+    labels = ias.select(conf, pred.int())  # other integer dtypes are accepted
     assert labels.dtype == torch.int64
 
 
@@ -225,7 +199,7 @@ def test_cbst_matches_quantile_of_all_observed_values():
         values = np.concatenate(seen[c]).astype(np.float64)
         expected = np.quantile(values, 1 - 0.2) if len(values) else 1.0
         assert theta[c] == expected
-    assert theta[2] == 1.0  # never predicted: 1.0, no crash (B13)
+    assert theta[2] == 1.0  # never predicted: 1.0, no crash (docs/method.md §B13)
     conf, pred = random_stream(9, 2, 4)
     labels = cbst.select(torch.from_numpy(conf), torch.from_numpy(pred)).numpy()
     np.testing.assert_array_equal(labels, np.where(conf.astype(np.float64) >= theta[pred], pred, 255))
@@ -256,6 +230,54 @@ def test_no_threshold_keeps_argmax():
     labels = NoThreshold(3).select(torch.from_numpy(conf), torch.from_numpy(pred))
     np.testing.assert_array_equal(labels.numpy(), pred)
     assert NoThreshold(3).thresholds.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_cbst_from_histograms_equals_cbst_over_images():
+    """Rows of several images repeat (class, code) pairs: their counts add up before the quantile."""
+    conf, pred = random_stream(4, 5, 4, absent=(3,))
+    cbst = CBST(4, p=0.3)
+    for s in range(0, 5, 2):
+        cbst.observe(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2]))
+    rows = record_stream(conf, pred, batch_size=2)
+    assert rows.duplicated(["class", "code"]).any()
+    got = cbst_from_histograms(rows, 4, p=0.3)
+    assert got.dtype == np.float64 and np.array_equal(got, cbst.thresholds.numpy()) and got[3] == 1.0
+    columns = {k: rows[k].to_numpy() for k in ("class", "code", "count")}  # a mapping without images
+    assert np.array_equal(cbst_from_histograms(columns, 4, p=0.3), got)
+    with pytest.raises(InputError, match="class ids"):
+        cbst_from_histograms(rows, 2, p=0.3)
+    with pytest.raises(InputError, match="column"):
+        cbst_from_histograms({"class": [0]}, 4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One interface
+
+
+def test_every_policy_is_a_selector_with_one_pass_structure():
+    """The generator's loop: observe every batch where `two_pass`, then select every batch; the same calls fit
+    every selector, and the labels are the pixels at or above the thresholds the selector reports."""
+    conf, pred = random_stream(8, 6, 4)
+    batches = [(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2])) for s in range(0, 6, 2)]
+    policies = [IAS(4, alpha=0.5), CBST(4, p=0.3), Constant(4, 0.8), NoThreshold(4)]
+    assert [p.two_pass for p in policies] == [False, True, False, False]
+    for policy in policies:
+        assert isinstance(policy, Selector)
+        if policy.two_pass:
+            for c, p in batches:
+                policy.observe(c, p)
+        for c, p in batches:
+            labels = policy.select(c, p)
+            theta = policy.thresholds.numpy()  # IAS: after this batch's update
+            assert labels.dtype == torch.int64
+            expected = np.where(c.numpy().astype(np.float64) >= theta[p.numpy()], p.numpy(), 255)
+            np.testing.assert_array_equal(labels.numpy(), expected)
+        assert (policy.history is None) == (not isinstance(policy, IAS))
+    ref_theta, _ = ias_reference(conf, pred, 4, alpha=0.5)
+    assert np.array_equal(policies[0].thresholds.numpy(), ref_theta[-1])
+    for policy in policies:
+        with pytest.raises(InputError, match=f"{type(policy).__name__}.select"):
+            policy.select(batches[0][0], batches[0][1] + 4)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -312,7 +334,7 @@ def test_replay_equals_ias(seed, num_classes, alpha, beta, gamma, instance):
     conf, pred = random_stream(seed, 7, num_classes)  # 7 images: the last 2-image group has one image
     ias = IAS(num_classes, alpha=alpha, beta=beta, gamma=gamma, instance=instance)
     for s in range(0, 7, 2):
-        ias.update(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2]))
+        ias.select(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2]))
     hist = ias.history
     rows = record_stream(conf, pred, batch_size=3)  # recording batches need not match the instance groups
     thresholds, selected = replay_ias(rows, num_classes, alpha, beta, gamma, instance=instance, batch_size=2)
@@ -339,7 +361,7 @@ def test_replay_prepared_histogram_parquet_and_names(tmp_path):
     assert table.num_images == 5
     ias = IAS(3, alpha=0.4, instance="batch")
     for s in range(0, 5, 2):
-        ias.update(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2]))
+        ias.select(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2]))
     expected = ias.history.pivot(index="instance", columns="class", values="threshold").to_numpy()
     for _ in range(2):  # second call reuses the cached grouping
         thresholds, _ = replay_ias(table, 3, alpha=0.4, beta=0.9, gamma=8.0)
@@ -363,7 +385,7 @@ def test_ias_on_cuda_equals_cpu():
     out = []
     for device in ("cpu", "cuda"):
         ias = IAS(5, alpha=0.5, instance="image")
-        labels = ias.update(torch.from_numpy(conf).to(device), torch.from_numpy(pred).to(device))
+        labels = ias.select(torch.from_numpy(conf).to(device), torch.from_numpy(pred).to(device))
         assert labels.device.type == device
         out.append((labels.cpu().numpy(), ias.thresholds.numpy()))
     np.testing.assert_array_equal(out[0][0], out[1][0])
@@ -374,10 +396,10 @@ def test_ias_long_stream_matches_reference():
     """80 images, thresholds evolving over 40 two-image instances; a fresh IAS per mode."""
     conf, pred = random_stream(21, 80, 7, h=4, w=6, absent=(0, 5))
     for instance in ("batch", "image"):
-        ref_theta, ref_labels = reference_ias(conf, pred, 7, 0.5, 0.7, 8.0, 0.9, instance, 2)
+        ref_theta, ref_labels = ias_reference(conf, pred, 7, 0.5, 0.7, 8.0, 0.9, instance, 2)
         ias = IAS(7, alpha=0.5, beta=0.7, instance=instance)
         labels = torch.cat(
-            [ias.update(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2])) for s in range(0, 80, 2)]
+            [ias.select(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2])) for s in range(0, 80, 2)]
         )
         np.testing.assert_array_equal(labels.numpy(), ref_labels)
         got = ias.history.pivot(index="instance", columns="class", values="threshold").to_numpy()
@@ -391,9 +413,9 @@ def test_ias_interpolation_next_to_the_old_threshold():
     rng = np.random.default_rng(5)
     conf = rng.uniform(0.8, 1.0, (300, 1, 3)).astype(np.float32)
     pred = rng.integers(0, 2, (300, 1, 3))
-    ref_theta, _ = reference_ias(conf, pred, 2, 0.2, 0.5, 8.0, 0.9, "image", 1)
+    ref_theta, _ = ias_reference(conf, pred, 2, 0.2, 0.5, 8.0, 0.9, "image", 1)
     ias = IAS(2, alpha=0.2, beta=0.5, gamma=8.0, instance="image")
-    ias.update(torch.from_numpy(conf), torch.from_numpy(pred))
+    ias.select(torch.from_numpy(conf), torch.from_numpy(pred))
     got = ias.history.pivot(index="instance", columns="class", values="threshold").to_numpy()
     assert np.array_equal(got, ref_theta)
 

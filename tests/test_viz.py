@@ -124,7 +124,7 @@ def test_keep_fraction_table_hand_computed():
     ias = IAS(3, alpha=0.5, gamma=2.0, init=0.8)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
-        ias.update(torch.rand(1, 4, 5, generator=g), torch.randint(0, 2, (1, 4, 5), generator=g))
+        ias.select(torch.rand(1, 4, 5, generator=g), torch.randint(0, 2, (1, 4, 5), generator=g))
     hist = ias.history
     t = viz.keep_fraction_table(hist, alpha=0.5, gamma=2.0, init=0.8)
     assert (t["class"] != 2).all()  # class 2 never predicted: no row

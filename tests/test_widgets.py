@@ -56,7 +56,7 @@ def test_threshold_replay_matches_ias_and_redraws(pseudo_dir, tiny_toytown, mode
     images = torch.stack([ds[index[name]]["image"] for name in order])
     conf, pred = predict_probs(load_model(model_ckpt, "cpu").eval(), images).max(1)
     ias = IAS(C, alpha=0.1, beta=0.9, gamma=8.0, instance="image")
-    ias.update(conf, pred)
+    ias.select(conf, pred)
     np.testing.assert_array_equal(w.thresholds[-1], ias.thresholds.numpy())
     w.gamma.value = 2.0
     assert "kept" in w.status.value
