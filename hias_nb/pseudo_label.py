@@ -3,7 +3,7 @@ with a threshold policy, write label PNGs and the statistics HPLA and the notebo
 
 Outputs, all in one folder that appears atomically when generation completes (a temporary sibling is renamed
 into place; a re-run finds the finished folder and resumes nothing twice, a different config is refused, never
-appended or mixed — docs/method.md §B16):
+appended or mixed — docs/method.md B16):
 
 - ``labels/<name>.png``: uint8, class id 0..C-1 or 255 (ignored);
 - ``stats.parquet``: one row per (image, class) with ``predicted_pixels``, ``selected_pixels``,
@@ -80,7 +80,7 @@ def visiting_order(n: int, batch_size: int, order: str, seed: int) -> list[int]:
     """The order in which images are visited (and so grouped into instances).
 
     ``seeded``: a numpy permutation of (seed); ``reference``: the permutation a ``DataLoader(shuffle=True)``
-    draws (torch's RandomSampler) — the published code's mechanism, here seeded and recorded (docs/method.md §B11);
+    draws (torch's RandomSampler) — the published code's mechanism, here seeded and recorded (docs/method.md B11);
     ``sorted``: file order.
     """
     if order == "sorted":

@@ -362,7 +362,7 @@ class IAS(Selector):
 
 class CBST(Selector):
     """Class-balanced thresholds (docs/method.md §2.3), exact and without the reference's 1/4 subsampling
-    (docs/method.md §B13).
+    (docs/method.md B13).
 
     Two passes: ``observe`` every batch, then ``thresholds[c]`` is the ``1 - p`` linear quantile (float64) of all
     float16-rounded confidences predicted as c (1.0 for a class never predicted: the reference crashes there),

@@ -29,7 +29,6 @@ from hias_nb.errors import InputError
 from hias_nb.evaluate import EvalResult, evaluate, predict_probs, stage_entry
 from hias_nb.io import atomic_path, read_label, read_rgb
 from hias_nb.pseudo_label import summary_table
-from hias_nb.selectors import NUM_CODES
 from hias_nb.train import load_model
 
 __all__ = [
@@ -49,7 +48,6 @@ __all__ = [
     "split_iou_report",
     # notebook 2
     "threshold_matrix",
-    "cbst_from_histograms",
     "draw_threshold_curves",
     "threshold_curves",
     "keep_fraction_table",
@@ -382,32 +380,6 @@ def threshold_matrix(pseudo_dir: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path}: no threshold history (only the IAS policy writes one)")
     hist = pd.read_parquet(path)
     return hist.pivot(index="instance", columns="class", values="threshold").sort_index().to_numpy(np.float64)
-
-
-def cbst_from_histograms(hist: pd.DataFrame, num_classes: int, p: float = 0.2) -> np.ndarray:
-    """CBST thresholds (SPEC 2.3, without subsampling) from recorded float16 confidence histograms.
-
-    Per class: the ``1 - p`` linear quantile (numpy's default) of every float16 confidence predicted as that
-    class, computed from the counts without expanding them; 1.0 for a class never predicted. Equals
-    ``selectors.CBST(num_classes, p)`` after observing the same pixels. Returns float64 ``[C]``.
-    """
-    values = np.arange(NUM_CODES, dtype=np.uint16).view(np.float16).astype(np.float64)
-    per = hist.groupby(["class", "code"], sort=True)["count"].sum()
-    out = np.ones(num_classes, dtype=np.float64)
-    q = 1.0 - p
-    for c in per.index.get_level_values(0).unique():
-        counts = per.loc[c]
-        codes, cum = counts.index.to_numpy(), np.cumsum(counts.to_numpy())
-        n = int(cum[-1])
-        h = (n - 1) * q
-        lo = int(np.floor(h))
-        t = h - lo
-
-        # j-th smallest (0-based) sample: codes sort like their values
-        a = float(values[codes[np.searchsorted(cum, lo + 1)]])
-        b = float(values[codes[np.searchsorted(cum, min(lo + 2, n))]])
-        out[int(c)] = b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t  # numpy's _lerp
-    return out
 
 
 def draw_threshold_curves(

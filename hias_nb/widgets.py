@@ -34,7 +34,7 @@ from hias_nb.config import load_config
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA, Draw
 from hias_nb.pseudo_label import load_pseudo_summary
-from hias_nb.selectors import ConfidenceHistogram, replay_ias
+from hias_nb.selectors import ConfidenceHistogram, cbst_from_histograms, replay_ias
 from hias_nb.self_train import PseudoLabelledTarget, SelfTrainConfig, build_hpla
 from hias_nb.train import TrainConfig, crop_heights, load_model, train_source
 
@@ -138,7 +138,7 @@ class ThresholdReplay:
         rows = pd.read_parquet(path)
         self.hist = ConfidenceHistogram(rows, self.num_classes)
         self.pixels = int(rows["count"].sum())
-        self.cbst = viz.cbst_from_histograms(rows, self.num_classes, float(cfg.get("cbst_p", 0.2)))
+        self.cbst = cbst_from_histograms(rows, self.num_classes, float(cfg.get("cbst_p", 0.2)))
         style = {"description_width": "60px"}
         self.alpha = W.FloatSlider(value=float(cfg.get("alpha", 0.2)), min=0.01, max=1.0, step=0.01,
                                    description="α", continuous_update=False, style=style)  # fmt: skip

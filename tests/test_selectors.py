@@ -199,7 +199,7 @@ def test_cbst_matches_quantile_of_all_observed_values():
         values = np.concatenate(seen[c]).astype(np.float64)
         expected = np.quantile(values, 1 - 0.2) if len(values) else 1.0
         assert theta[c] == expected
-    assert theta[2] == 1.0  # never predicted: 1.0, no crash (docs/method.md §B13)
+    assert theta[2] == 1.0  # never predicted: 1.0, no crash (docs/method.md B13)
     conf, pred = random_stream(9, 2, 4)
     labels = cbst.select(torch.from_numpy(conf), torch.from_numpy(pred)).numpy()
     np.testing.assert_array_equal(labels, np.where(conf.astype(np.float64) >= theta[pred], pred, 255))

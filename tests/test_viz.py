@@ -14,7 +14,7 @@ from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
 from hias_nb.errors import InputError
 from hias_nb.io import read_label
 from hias_nb.models import DeepLabV2, load_checkpoint
-from hias_nb.selectors import CBST, IAS, confidence_histograms, replay_ias
+from hias_nb.selectors import CBST, IAS, cbst_from_histograms, confidence_histograms, replay_ias
 
 C = 19
 
@@ -101,7 +101,7 @@ def test_cbst_from_histograms_equals_cbst(p):
     cbst = CBST(C, p=p)
     cbst.observe(conf[:3], pred[:3])
     cbst.observe(conf[3:], pred[3:])
-    got = viz.cbst_from_histograms(rows, C, p)
+    got = cbst_from_histograms(rows, C, p)
     np.testing.assert_array_equal(got, cbst.thresholds.numpy())
     assert (got[5:] == 1.0).all()  # never predicted
 
