@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from hias_nb import augment
 from hias_nb.hpla import HPLA
 from hias_nb.models import DeepLabV2, freeze_bn
-from hias_nb.self_train import SelfTrainConfig, self_training_step
-from hias_nb.train import autocast_context, ema_update, make_optimizer
+from hias_nb.runner import autocast_context, make_optimizer, make_scaler
+from hias_nb.self_train import SelfTrainConfig, hiast_step
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
         lambda name: donor,
         generator=torch.Generator().manual_seed(0),
     )
-    cfg = SelfTrainConfig(device=dev, amp=True)
+    cfg = SelfTrainConfig(device=dev, amp=True, ema_gamma=0.999)
     gen = torch.Generator(device=dev).manual_seed(0)
     h_range = augment.scaled_weak_defaults((h, w)).h_range
 
@@ -72,12 +72,11 @@ def main() -> None:
         for i in range(b):
             hpla(images[i], labels[i])
 
-    def hiast_step() -> None:
-        loss, _ = self_training_step(student, teacher, p_imgs, p_labs, p_prov, cfg, gen, dev)
-        opt_s.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_s.step()
-        ema_update(teacher, student, 0.999)
+    scaler = make_scaler(dev, True)
+    batch = {"image": p_imgs, "label": p_labs, "provenance": p_prov}
+
+    def step() -> None:
+        hiast_step(student, teacher, opt_s, scaler, batch, cfg, gen, dev)
 
     def plain_step() -> None:
         imgs, labs, _ = augment.weak_view(
@@ -93,7 +92,7 @@ def main() -> None:
     student.train(), plain.train()
     times: dict[str, list[float]] = {"plain": [], "hiast": [], "hpla": []}
     for i in range(args.repeats + 2):
-        for name, fn in (("plain", plain_step), ("hiast", hiast_step), ("hpla", hpla_batch)):
+        for name, fn in (("plain", plain_step), ("hiast", step), ("hpla", hpla_batch)):
             sync()
             t = time.perf_counter()
             fn()

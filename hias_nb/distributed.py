@@ -10,8 +10,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["init_distributed", "world_size", "rank", "is_main", "all_reduce_sum", "barrier"]
+__all__ = ["init_distributed", "world_size", "rank", "is_main", "all_reduce_sum", "barrier", "wrap"]
 
 
 def init_distributed(device: str) -> None:
@@ -44,3 +45,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """The module a process trains: `model` itself alone, DDP with synchronised BatchNorm under torchrun.
+
+    The conversion replaces BatchNorm layers inside `model`, so `model` (not the wrapper) still holds the weights
+    and state-dict keys a checkpoint saves.
+    """
+    if world_size() == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model))

@@ -22,24 +22,33 @@ autocast: ``log_softmax`` of fp16 logits loses the small probabilities that thes
 autocast the elementwise ops used here are not down-cast, so casting the logits once is enough.)
 
 The ``*_map`` functions return the unnormalised per-pixel values that the scalar losses sum, for display in
-the notebooks; each scalar equals its map's sum divided by the normaliser above.
+the notebooks; each scalar equals its map's sum divided by the normaliser above. ``loss_maps`` (at the end)
+computes them for a student and a teacher on the views of a training step (``augment.make_views``), already
+normalised, and ``total_loss_map`` weights them with the λ of a round.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hias_nb import augment
+from hias_nb.errors import InputError
 
 __all__ = [
     "NORMALISATIONS",
     "REGIONS",
     "region_mask",
+    "safe_divide",
     "target_cross_entropy",
     "region_regularization_maps",
     "region_regularization",
     "consistency_map",
     "consistency",
-    "hiast_terms",
+    "LOSS_TERMS",
+    "loss_maps",
+    "total_loss_map",
 ]
 
 NORMALISATIONS: tuple[str, ...] = ("reference", "pixel")
@@ -72,7 +81,7 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _safe_divide(total: torch.Tensor, count: torch.Tensor | int | float) -> torch.Tensor:
+def safe_divide(total: torch.Tensor, count: torch.Tensor | int | float) -> torch.Tensor:
     """``total / count``, or exactly 0 (keeping ``total``'s graph) when ``count`` is 0.
 
     An empty region makes ``total`` an empty sum, i.e. exactly 0, so dividing by ``max(count, 1)`` gives 0
@@ -104,13 +113,13 @@ def target_cross_entropy(logits: torch.Tensor, pseudo_label: torch.Tensor, ignor
     _check_shapes(logits, pseudo_label)
     per_pixel = F.cross_entropy(_at_least_fp32(logits), pseudo_label, ignore_index=ignore_index, reduction="none")
     confident = pseudo_label != ignore_index
-    return _safe_divide(per_pixel[confident].sum(), confident.sum())
+    return safe_divide(per_pixel[confident].sum(), confident.sum())
 
 
 def region_regularization_maps(
     logits: torch.Tensor, pseudo_label: torch.Tensor, ignore_index: int = 255
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pixel R_c and R_i before normalisation (SPEC.md 4).
+    """Per-pixel R_c and R_i before normalisation (docs/method.md §4).
 
     Args:
         logits: student logits ``[B,C,H,W]``.
@@ -121,27 +130,13 @@ def region_regularization_maps(
         float32 (float64 for float64 logits).
     """
     _check_shapes(logits, pseudo_label)
-    return _region_maps(F.log_softmax(_at_least_fp32(logits), dim=1), pseudo_label != ignore_index)
-
-
-def _region_maps(log_p: torch.Tensor, confident: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`region_regularization_maps` from ``log_p [B,C,H,W]`` and the confident mask ``[B,H,W]``."""
+    log_p = F.log_softmax(_at_least_fp32(logits), dim=1)
+    confident = pseudo_label != ignore_index
     # KL(U || p_i) = Σ_c (1/C) log((1/C) / p_ic); the constant −log C is dropped, as in the reference.
     kld = -log_p.sum(dim=1) / log_p.shape[1]
     entropy = -(log_p.exp() * log_p).sum(dim=1)
     zero = kld.new_zeros(())
     return torch.where(confident, kld, zero), torch.where(confident, zero, entropy)
-
-
-def _region_losses(
-    kld_map: torch.Tensor, entropy_map: torch.Tensor, confident: torch.Tensor, num_classes: int, normalisation: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalise the maps of `_region_maps` (see `region_regularization`)."""
-    n_confident = confident.sum()
-    per_class = num_classes if normalisation == "reference" else 1
-    kld = _safe_divide(kld_map.sum(), n_confident * per_class)
-    entropy = _safe_divide(entropy_map.sum(), (confident.numel() - n_confident) * per_class)
-    return kld, entropy
 
 
 def region_regularization(
@@ -150,7 +145,7 @@ def region_regularization(
     ignore_index: int = 255,
     normalisation: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Region-adaptive regularisation: KLD-to-uniform on Ω_c (R_c) and entropy on Ω_ig (R_i), SPEC.md 4.
+    """Region-adaptive regularisation: KLD-to-uniform on Ω_c (R_c) and entropy on Ω_ig (R_i), docs/method.md §4.
 
     Args:
         logits: student logits ``[B,C,H,W]`` (strong view).
@@ -168,7 +163,11 @@ def region_regularization(
     """
     _check_choice("normalisation", normalisation, NORMALISATIONS)
     kld_map, entropy_map = region_regularization_maps(logits, pseudo_label, ignore_index)
-    return _region_losses(kld_map, entropy_map, pseudo_label != ignore_index, logits.shape[1], normalisation)
+    n_confident = (pseudo_label != ignore_index).sum()
+    per_class = logits.shape[1] if normalisation == "reference" else 1
+    kld = safe_divide(kld_map.sum(), n_confident * per_class)
+    entropy = safe_divide(entropy_map.sum(), (pseudo_label.numel() - n_confident) * per_class)
+    return kld, entropy
 
 
 def _soft_ce_terms(
@@ -177,26 +176,14 @@ def _soft_ce_terms(
     pseudo_label: torch.Tensor,
     region: str,
     ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked element-wise soft CE ``e_ic = −q_ic·log p_ic`` ``[B,C,H,W]`` and the region mask ``[B,H,W]``."""
+) -> torch.Tensor:
+    """Masked element-wise soft CE ``e_ic = −q_ic·log p_ic`` ``[B,C,H,W]`` (0 outside the region)."""
     _check_shapes(student_logits, pseudo_label)
     _check_teacher(student_logits, teacher_probs)
     log_p = F.log_softmax(_at_least_fp32(student_logits), dim=1)
-    return _soft_ce_from(log_p, teacher_probs, region_mask(pseudo_label, region, ignore_index))
-
-
-def _soft_ce_from(
-    log_p: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_soft_ce_terms` from ``log_p [B,C,H,W]`` and the region mask ``[B,H,W]``."""
     q = teacher_probs.detach().to(log_p.dtype)
-    return torch.where(mask.unsqueeze(1), -q * log_p, log_p.new_zeros(())), mask
-
-
-def _consistency_from(terms: torch.Tensor, mask: torch.Tensor, normalisation: str) -> torch.Tensor:
-    """Normalise the masked soft-CE terms (see `consistency`)."""
-    count = (terms != 0).sum() if normalisation == "reference" else mask.sum()
-    return _safe_divide(terms.sum(), count)
+    mask = region_mask(pseudo_label, region, ignore_index)
+    return torch.where(mask.unsqueeze(1), -q * log_p, log_p.new_zeros(()))
 
 
 def consistency_map(
@@ -207,8 +194,7 @@ def consistency_map(
     ignore_index: int = 255,
 ) -> torch.Tensor:
     """Per-pixel soft cross-entropy ``Σ_c −q_ic·log p_ic`` ``[B,H,W]`` within the region, 0 elsewhere."""
-    terms, _ = _soft_ce_terms(student_logits, teacher_probs, pseudo_label, region, ignore_index)
-    return terms.sum(dim=1)
+    return _soft_ce_terms(student_logits, teacher_probs, pseudo_label, region, ignore_index).sum(dim=1)
 
 
 def consistency(
@@ -219,7 +205,7 @@ def consistency(
     ignore_index: int = 255,
     normalisation: str = "reference",
 ) -> torch.Tensor:
-    """Mean-teacher consistency: soft CE of the student against the teacher's probabilities, SPEC.md 5.3.
+    """Mean-teacher consistency: soft CE of the student against the teacher's probabilities, docs/method.md §5.3.
 
     Args:
         student_logits: ``[B,C,H,W]``, the student on the strong view.
@@ -232,40 +218,103 @@ def consistency(
         float32 (or float64) scalar; exactly 0 for an empty region or when every term is zero.
     """
     _check_choice("normalisation", normalisation, NORMALISATIONS)
-    return _consistency_from(
-        *_soft_ce_terms(student_logits, teacher_probs, pseudo_label, region, ignore_index), normalisation
-    )
+    terms = _soft_ce_terms(student_logits, teacher_probs, pseudo_label, region, ignore_index)
+    pixels = region_mask(pseudo_label, region, ignore_index).sum()
+    count = (terms != 0).sum() if normalisation == "reference" else pixels
+    return safe_divide(terms.sum(), count)
 
 
-def hiast_terms(
-    student_logits: torch.Tensor,
-    teacher_probs: torch.Tensor,
-    pseudo_label: torch.Tensor,
+# ----------------------------------------------------------------------------------------------------------------
+# Loss maps: where each term's loss comes from, pixel by pixel (notebook 4; docs/method.md §4, §5.3)
+# ----------------------------------------------------------------------------------------------------------------
+
+LOSS_TERMS: tuple[str, ...] = ("ce", "kld", "entropy", "consistency")
+
+
+def _normalised_term_maps(
+    logits: torch.Tensor, teacher_probs: torch.Tensor, pseudo_label: torch.Tensor, cst_region: str, normalisation: str
+) -> dict[str, torch.Tensor]:
+    """Each term's per-pixel value ``[B,H,W]`` divided by that term's normaliser (module docstring), so that a
+    map's sum is the scalar term."""
+    confident = pseudo_label != 255
+    per_class = logits.shape[1] if normalisation == "reference" else 1
+    n_conf, n_ign = max(int(confident.sum()), 1), max(int((~confident).sum()), 1)
+    ce = F.cross_entropy(logits, pseudo_label, ignore_index=255, reduction="none")
+    kld, entropy = region_regularization_maps(logits, pseudo_label)
+    region = region_mask(pseudo_label, cst_region)
+    if normalisation == "reference":  # the published count: non-zero entries of the masked [B,C,H,W] product
+        cst_count = int(((-teacher_probs * F.log_softmax(logits, 1) != 0) & region[:, None]).sum())
+    else:
+        cst_count = int(region.sum())
+    return {
+        "ce": ce / n_conf,
+        "kld": kld / (per_class * n_conf),
+        "entropy": entropy / (per_class * n_ign),
+        "consistency": consistency_map(logits, teacher_probs, pseudo_label, cst_region) / max(cst_count, 1),
+    }
+
+
+@torch.no_grad()
+def loss_maps(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator | None = None,
+    strong: bool = True,
     cst_region: str = "ignored",
-    ignore_index: int = 255,
     normalisation: str = "reference",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The four loss terms of one HIAST step, ``(ce, kld, entropy, consistency)``, from one log-softmax.
+    crop_size: tuple[int, int] | None = None,
+    crop_scale: tuple[float, float] = (0.6, 1.0),
+    crop_ratio: float = 2.0,
+) -> dict:
+    """Per-pixel contributions of each self-training loss term on a batch, with the views of a training step
+    (docs/method.md §4, §5.3).
 
-    Equal to `target_cross_entropy`, `region_regularization` and `consistency` called one by one (a test keeps
-    them equal); the training step uses this because each of those recomputes ``log_softmax`` of the
-    ``[B,C,H,W]`` logits (and its backward), which is a visible share of a small model's step.
+    The views come from ``augment.make_views``, as in training: the teacher sees the weak view of ``images``
+    (uint8 ``[B,3,H,W]``: flip and random-sized crop, height ``crop_scale`` × H, width/height ``crop_ratio``,
+    resized to `crop_size`, default the input size), the student the strong view of it (CCA, blur kernels
+    scaled to the crop size; ``strong=False``: the weak view), and the pseudo-label `labels` ``[B,H,W]`` moves
+    with the weak view. `generator` draws the views (None: a CPU generator seeded 0).
 
-    Args:
-        student_logits: ``[B,C,H,W]``, the student on the strong view.
-        teacher_probs: ``[B,C,H,W]`` softmax of the teacher on the weak view; detached here.
-        pseudo_label: int64 ``[B,H,W]``.
-        cst_region, normalisation: as in `consistency` and `region_regularization`.
-    Returns:
-        four float32 (or float64) scalars; a term with an empty region is exactly 0.
+    Each map ``[B,h,w]`` is the term's per-pixel value divided by the term's normaliser, so ``map.sum()`` is the
+    scalar term of this module (``ce`` and ``kld`` on the confident region, ``entropy`` on the ignored region,
+    ``consistency`` on `cst_region`). Returns those four maps (float32 numpy), ``weak`` and ``strong`` (uint8
+    ``[B,h,w,3]``), ``label`` (int64 ``[B,h,w]``), ``strong_ops`` (per image, the CCA operations that fired)
+    and ``scalars`` (the four terms from `target_cross_entropy`, `region_regularization` and `consistency`).
     """
-    _check_choice("normalisation", normalisation, NORMALISATIONS)
-    _check_shapes(student_logits, pseudo_label)
-    _check_teacher(student_logits, teacher_probs)
-    log_p = F.log_softmax(_at_least_fp32(student_logits), dim=1)
-    confident = pseudo_label != ignore_index
-    picked = log_p.gather(1, pseudo_label.masked_fill(~confident, 0).unsqueeze(1)).squeeze(1)
-    ce = _safe_divide(torch.where(confident, -picked, log_p.new_zeros(())).sum(), confident.sum())
-    kld, entropy = _region_losses(*_region_maps(log_p, confident), confident, log_p.shape[1], normalisation)
-    terms, mask = _soft_ce_from(log_p, teacher_probs, region_mask(pseudo_label, cst_region, ignore_index))
-    return ce, kld, entropy, _consistency_from(terms, mask, normalisation)
+    student.eval()
+    teacher.eval()
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    views = augment.make_views(
+        images, labels.to(images.device), generator=generator, crop_size=crop_size, crop_scale=crop_scale,
+        crop_ratio=crop_ratio, strong=strong,
+    )  # fmt: skip
+    logits = student(augment.normalize(views.strong)).float()
+    teacher_probs = teacher(augment.normalize(views.weak)).float().softmax(1)
+    label = views.label
+    kld, entropy = region_regularization(logits, label, normalisation=normalisation)
+    cst = consistency(logits, teacher_probs, label, cst_region, normalisation=normalisation)
+    scalars = {"ce": target_cross_entropy(logits, label), "kld": kld, "entropy": entropy, "consistency": cst}
+    maps = _normalised_term_maps(logits, teacher_probs, label, cst_region, normalisation)
+    return {
+        **{term: m.cpu().numpy() for term, m in maps.items()},
+        "weak": views.weak.permute(0, 2, 3, 1).cpu().numpy(),
+        "strong": views.strong.permute(0, 2, 3, 1).cpu().numpy(),
+        "label": label.cpu().numpy(),
+        "strong_ops": views.strong_ops,
+        "scalars": {term: float(v) for term, v in scalars.items()},
+    }
+
+
+def total_loss_map(maps: dict, weights: dict[str, float]) -> np.ndarray:
+    """``sum_t weights[t] * maps[t]`` over the loss terms named in `weights` (``[B,H,W]``); its sum over pixels is
+    the weighted total loss (terms left out count 0)."""
+    unknown = [k for k in weights if k not in LOSS_TERMS]
+    if unknown:
+        raise InputError(f"loss weights: unknown term(s) {unknown}; known: {list(LOSS_TERMS)}")
+    total = np.zeros_like(maps["ce"])
+    for term, w in weights.items():
+        total = total + w * maps[term]
+    return total

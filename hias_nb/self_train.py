@@ -1,28 +1,26 @@
-"""One HIAST self-training round (SPEC.md sections 3–5, 6.2–6.3): ``hias-nb self-train``.
+"""One HIAST self-training round (docs/method.md §3–§5, §6.2–§6.3): ``hias-nb self-train``.
 
-Per iteration, read top to bottom in `self_training_step`:
-target batch (image, pseudo-label) → HPLA copy-paste of hard-class pixels (full resolution) → weak view (flip +
-random-sized crop; label and provenance mask transformed with it) → strong view (CCA colour ops on the weak view)
-→ teacher (EMA, eval mode) on the weak view, student on the strong view →
-``L = λce·CE(Ωc) + λc·KLD(Ωc) + λi·entropy(Ωig) + λcst·consistency(Ωig)`` → optimiser step → EMA update.
+`hiast_step` is one iteration, top to bottom: pseudo-labelled target batch (HPLA already applied in the data
+pipeline by `HPLATarget`) → weak view (flip + random-sized crop; label and provenance moved with it) → strong view
+(CCA colour ops on the weak view) → teacher (EMA, eval mode) on the weak view, student on the strong view →
+``L = λce·CE(Ωc) + λkld·R_c(Ωc) + λent·R_i(Ωig) + λcst·consistency(Ωig)`` → optimiser step → EMA update.
 
 Training is target-only. The student starts from `init_checkpoint`; the teacher is a copy of it at the start of
-the round (SPEC 1.1). Both are saved at the end (``student_final.pt``, ``teacher_final.pt``); ``state.pt`` makes
-a killed round resumable.
+the round (§1.1). Both are saved at the end (``student_final.pt``, ``teacher_final.pt``); folders, resumption,
+logging and checkpoints are the shared `hias_nb.runner.run_stage`.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from hias_nb import augment, distributed, losses
 from hias_nb.classes import IGNORE
@@ -32,26 +30,34 @@ from hias_nb.hpla import HPLA, donor_lists, hard_classes
 from hias_nb.io import read_json, read_label
 from hias_nb.models import checkpoint_meta, freeze_bn, save_checkpoint
 from hias_nb.pseudo_label import load_pseudo_summary
-from hias_nb.runs import CsvLog, load_state, prepare_run_dir, resolve_device, save_state
-from hias_nb.train import (
+from hias_nb.runner import (
     autocast_context,
-    crop_heights,
-    ema_update,
     infinite_loader,
-    load_model,
     lr_factor,
     make_optimizer,
     make_scaler,
-    save_due,
+    run_stage,
     set_lr,
 )
+from hias_nb.train import load_model
 
-__all__ = ["SelfTrainConfig", "PseudoLabelledTarget", "self_training_step", "self_train", "build_hpla"]
+__all__ = [
+    "SelfTrainConfig",
+    "PseudoLabelledTarget",
+    "HPLATarget",
+    "build_hpla",
+    "hiast_step",
+    "ema_update",
+    "SelfTraining",
+    "self_train",
+]
 
 
 @dataclass
 class SelfTrainConfig:
-    """``hias-nb self-train``: one round. Defaults are toytown's; ``configs/hiast_gta5.yaml`` has the paper's."""
+    """``hias-nb self-train``: one round. Defaults are toytown's round 1 (what ``hias-nb demo`` runs,
+    docs/toytown.md); ``configs/hiast_gta5_round1.yaml`` has the paper's, and comments give the paper's value
+    where it differs."""
 
     out: str = "runs/round_1"
     pseudo_dir: str = "runs/pseudo_1"  # output of `hias-nb pseudo-label`
@@ -60,22 +66,22 @@ class SelfTrainConfig:
     data_root: str = "data/toytown"
     split: str = "target_train"
     resize: tuple[int, int] | None = None  # image size during training (labels nearest-resized to it, B14)
-    iterations: int = 300
+    iterations: int = 120  # paper: 8000; longer toytown rounds drift (the EMA teacher peaks early)
     batch_size: int = 16
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # SPEC 6.3: Adam, coupled weight decay 5e-4
-    lr: float = 1e-4  # backbone; head ×head_lr_mult (paper: 3e-6, 2e-6, 1e-6 per round)
-    head_lr_mult: float = 10.0
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # docs/method.md §6.3: Adam, coupled weight decay 5e-4
+    lr: float = 2e-4  # backbone; head ×head_lr_mult (paper: 3e-6, 2e-6, 1e-6 per round)
+    head_lr_mult: float = 1.0  # paper: 10 (an ImageNet backbone); toytown's is trained from scratch
     weight_decay: float = 5e-4
     schedule: Literal["cosine", "poly", "constant"] = "cosine"
     warmup: int = 0
     freeze_bn: Literal["none", "affine", "full"] = "affine"  # reference: affine frozen, statistics still update
-    ema_gamma: float = 0.999
+    ema_gamma: float = 0.99  # paper: 0.999, for 8000-iteration rounds; toytown's are ~70× shorter
     lambda_ce: float = 1.0
     lambda_kld: float = 0.1  # R_c on the confident region
     lambda_ent: float = 1.0  # R_i on the ignored region
     lambda_cst: float = 0.5  # consistency with the teacher
     cst_region: Literal["ignored", "confident", "all"] = "ignored"
-    normalisation: Literal["reference", "pixel"] = "reference"  # SPEC 4 / 5.3 (the 1/C factors) or per pixel
+    normalisation: Literal["reference", "pixel"] = "reference"  # docs/method.md §4 / §5.3 (the 1/C factors) or per pixel
     hpla: bool = True
     hpla_mode: Literal["reference", "intended"] = "reference"
     num_hard: int = 14
@@ -83,7 +89,7 @@ class SelfTrainConfig:
     ignored_classes: tuple[int, ...] = ()  # never hard: (9, 14, 16) for SYNTHIA
     strong: bool = True  # the student sees the CCA strong view (False: the weak view)
     crop_size: tuple[int, int] | None = None
-    crop_height_range: tuple[int, int] | None = None  # crop height in pixels (SPEC 5.5 rows); None: crop_scale
+    crop_height_range: tuple[int, int] | None = None  # crop height in pixels (docs/method.md §5.5); None: crop_scale
     crop_scale: tuple[float, float] = (0.6, 1.0)  # crop height as a fraction of the input height
     crop_ratio: float = 2.0
     checkpoint_every: int = 100
@@ -178,181 +184,150 @@ def build_hpla(
     return HPLA(hard, probs, donors, target.load, mode=mode, generator=generator)
 
 
-def self_training_step(
+def hiast_step(
     student: nn.Module,
     teacher: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    provenance: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: dict[str, torch.Tensor],
     cfg: SelfTrainConfig,
     generator: torch.Generator,
     device: str,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one HIAST iteration on an HPLA-augmented batch (``images`` uint8 ``[B,3,H,W]``, ``labels`` and
-    ``provenance`` int64 ``[B,H,W]``, all on `device`). Returns the total loss (with graph) and every term."""
-    out_hw = tuple(cfg.crop_size) if cfg.crop_size else tuple(images.shape[-2:])
-    h_range = crop_heights(cfg.crop_height_range, cfg.crop_scale, images.shape[-2])
-    # Views: the weak view's geometry also moves the pseudo-label and the HPLA provenance mask.
-    weak, labels, (provenance,) = augment.weak_view(
-        images,
-        labels,
-        extra_maps=(provenance,),
-        out_size=out_hw,
-        h_range=h_range,
-        ratio=cfg.crop_ratio,
-        generator=generator,
-    )
-    blur_limit = augment.scaled_blur_limit(out_hw)  # the paper's 3..41 px kernels, scaled to the crop size
-    strong = augment.strong_view(weak, generator=generator, blur_limit=blur_limit)[0] if cfg.strong else weak
+) -> dict[str, float]:
+    """One HIAST iteration, top to bottom (docs/method.md §3–§5): views, teacher, student, the four loss terms
+    with their regions and normalisers, backward, optimiser step, EMA teacher. Returns every logged term.
 
+    `batch` holds ``image`` uint8 ``[B,3,H,W]``, ``label`` (pseudo-label, 255 = ignored) and ``provenance``
+    (HPLA's pasted class, 255 elsewhere) int64 ``[B,H,W]``; `student` may be DDP-wrapped, `teacher` is in eval
+    mode with ``requires_grad`` off. The terms equal `losses.target_cross_entropy`, `losses.region_regularization`
+    and `losses.consistency` on the same views (tests/test_self_train.py); written out here so a reader sees which
+    pixels each term sees and what it is divided by.
+    """
+    # 1. Batch in. HPLA already pasted hard-class pixels at full resolution in the data pipeline (`HPLATarget`,
+    #    run by DataLoader workers), so `images`/`pseudo` are the pasted ones and `provenance` says where.
+    images, pseudo, provenance = (batch[k].to(device) for k in ("image", "label", "provenance"))
+    # 2. Views: weak (flip + random-sized crop) for the teacher, strong (CCA colour ops on the weak view) for the
+    #    student; the pseudo-label and the provenance move with the weak view's geometry.
+    v = augment.make_views(
+        images, pseudo, provenance, generator=generator, crop_size=cfg.crop_size,
+        crop_height_range=cfg.crop_height_range, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
+        strong=cfg.strong,
+    )  # fmt: skip
+    # 3. Teacher (EMA, eval mode) on the weak view: soft targets q, no graph.
     with torch.no_grad(), autocast_context(device, cfg.amp):
-        teacher_probs = teacher(augment.normalize(weak)).float().softmax(1)  # [B,C,H,W], soft target
+        q = teacher(augment.normalize(v.weak)).float().softmax(1)  # [B,C,h,w]
+    # 4. Student on the strong view; one log-softmax in fp32 (autocast would lose the small probabilities).
     with autocast_context(device, cfg.amp):
-        logits = student(augment.normalize(strong))  # [B,C,H,W]
-    logits = logits.float()
-
-    # CE and R_c on the confident region Ωc, R_i on the ignored region Ωig, consistency on `cst_region`
-    ce, kld, ent, cst = losses.hiast_terms(
-        logits, teacher_probs, labels, cfg.cst_region, normalisation=cfg.normalisation
-    )
-    loss = cfg.lambda_ce * ce + cfg.lambda_kld * kld + cfg.lambda_ent * ent + cfg.lambda_cst * cst
-
-    confident = labels != IGNORE
-    terms = {
+        logits = student(augment.normalize(v.strong))  # [B,C,h,w]
+    log_p = F.log_softmax(logits.float(), dim=1)  # [B,C,h,w]
+    num_classes = log_p.shape[1]
+    # 5. Regions: Ωc = pixels IAS kept (a pseudo-label), Ωig = pixels it left out; consistency on `cst_region`.
+    confident = v.label != IGNORE  # Ωc  [B,h,w]
+    ignored = ~confident  # Ωig [B,h,w]
+    cst_mask = losses.region_mask(v.label, cfg.cst_region)  # [B,h,w]
+    per_class = num_classes if cfg.normalisation == "reference" else 1  # the published code's extra 1/C (§4)
+    zero = log_p.new_zeros(())
+    # 6. Each term: a masked sum over its region divided by an explicit count (an empty region gives 0, B10).
+    nll = -log_p.gather(1, v.label.masked_fill(ignored, 0)[:, None])[:, 0]  # −log p(ŷ_i)  [B,h,w]
+    ce = losses.safe_divide(torch.where(confident, nll, zero).sum(), confident.sum())
+    kld_map = -log_p.sum(1) / num_classes  # KL(uniform ‖ p_i) up to a constant  [B,h,w]
+    kld = losses.safe_divide(torch.where(confident, kld_map, zero).sum(), confident.sum() * per_class)
+    entropy_map = -(log_p.exp() * log_p).sum(1)  # H(p_i)  [B,h,w]
+    entropy = losses.safe_divide(torch.where(ignored, entropy_map, zero).sum(), ignored.sum() * per_class)
+    soft_ce = torch.where(cst_mask[:, None], -q * log_p, zero)  # −q_ic·log p_ic  [B,C,h,w]
+    n_cst = (soft_ce != 0).sum() if cfg.normalisation == "reference" else cst_mask.sum()  # §5.3
+    consistency = losses.safe_divide(soft_ce.sum(), n_cst)
+    loss = cfg.lambda_ce * ce + cfg.lambda_kld * kld + cfg.lambda_ent * entropy + cfg.lambda_cst * consistency
+    # 7. Backward and step: only the student has a graph (q was computed without one).
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    # 8. Mean teacher: after the step, before the next learning-rate change (§5.2).
+    ema_update(teacher, student, cfg.ema_gamma)
+    return {
         "loss": loss.item(),
         "ce": ce.item(),
         "kld": kld.item(),
-        "entropy": ent.item(),
-        "consistency": cst.item(),
+        "entropy": entropy.item(),
+        "consistency": consistency.item(),
         "confident_fraction": confident.float().mean().item(),
-        "pasted_fraction": (provenance != IGNORE).float().mean().item(),
+        "pasted_fraction": (v.provenance != IGNORE).float().mean().item(),
     }
-    return loss, terms
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, gamma: float) -> None:
+    """Mean teacher (docs/method.md §5.2): every parameter ``t ← γ·t + (1−γ)·s``; every buffer copied from the
+    student. Uses the fused multi-tensor ``torch._foreach_*`` kernels (one launch for all tensors)."""
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    if len(t_params) != len(s_params):
+        raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
+    torch._foreach_mul_(t_params, gamma)
+    torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1 - gamma)
+    t_bufs, s_bufs = list(teacher.buffers()), list(student.buffers())
+    if len(t_bufs) != len(s_bufs):
+        raise ValueError(f"teacher has {len(t_bufs)} buffers, student {len(s_bufs)}")
+    torch._foreach_copy_(t_bufs, s_bufs)
+
+
+class SelfTraining:
+    """One round for `run_stage`: the student, its EMA teacher (a copy of the student at the start, §1.1) and
+    the student's optimiser; the data stream is the pseudo-labelled target with HPLA applied."""
+
+    postfix = ("loss", "ce", "consistency")
+
+    def __init__(self, cfg: SelfTrainConfig, device: str, start: int) -> None:
+        self.cfg, self.device = cfg, device
+        images = SegDataset(cfg.dataset, cfg.data_root, cfg.split, size=cfg.resize)
+        target = PseudoLabelledTarget(images, cfg.pseudo_dir)
+        self.meta = checkpoint_meta(cfg.init_checkpoint)
+        self.student = load_model(cfg.init_checkpoint, device, num_classes=images.protocol.num_classes)
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
+        hpla = None
+        if cfg.hpla:  # HPLATarget seeds a generator per sample, so HPLA gets none here
+            args = (cfg.num_hard, tuple(cfg.ignored_classes), cfg.hpla_mode, cfg.donor_drop_fraction, None)
+            hpla = build_hpla(cfg.pseudo_dir, target, *args)
+        freeze_bn(self.student, cfg.freeze_bn)
+        self.opt = make_optimizer(self.student, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]  # before a resumed state overwrites them
+        self.scaler = make_scaler(device, cfg.amp)
+        self.teacher = copy.deepcopy(self.student)
+        self.parts = {
+            "student": self.student,
+            "teacher": self.teacher,
+            "optimizer": self.opt,
+            "scaler": self.scaler,
+            "generator": self.gen,
+        }
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()  # always: BN uses the running statistics copied from the student
+        self.net = distributed.wrap(self.student)
+        self.net.train()
+        freeze_bn(self.student, cfg.freeze_bn)
+        pasted = HPLATarget(target, hpla, cfg.seed + 7)
+        per_rank, skip = cfg.batch_size // distributed.world_size(), start * cfg.batch_size
+        loader = infinite_loader(pasted, per_rank, cfg.seed, skip, cfg.num_workers, device, positions=True)
+        self.batches = iter(loader)
+
+    def step(self, it: int) -> dict[str, float]:
+        cfg = self.cfg
+        lr = set_lr(self.opt, self.base_lrs, lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup))
+        terms = hiast_step(
+            self.net, self.teacher, self.opt, self.scaler, next(self.batches), cfg, self.gen, self.device
+        )
+        return {**terms, "lr": lr}
+
+    def finish(self, out: Path, timing: dict[str, float]) -> None:
+        meta = {**self.meta, "round_config": self.cfg.out, **timing}
+        save_checkpoint(out / "student_final.pt", self.student, {**meta, "role": "student"})
+        save_checkpoint(out / "teacher_final.pt", self.teacher, {**meta, "role": "teacher"})  # marks completion
 
 
 def self_train(cfg: SelfTrainConfig) -> Path:
-    """Run one round; returns the run folder (with ``student_final.pt`` and ``teacher_final.pt``)."""
-    device = resolve_device(cfg.device)
-    distributed.init_distributed(device)
-    out = Path(cfg.out)
-    if (out / "teacher_final.pt").exists() and (out / "config.yaml").exists():
-        prepare_run_dir(out, cfg)
-        print(f"{out}: round already complete; nothing to do")
-        return out
-    if distributed.is_main():
-        prepare_run_dir(out, cfg)
-    world = distributed.world_size()
-    if cfg.batch_size % world:
-        raise InputError(f"batch_size: {cfg.batch_size} does not divide over {world} processes")
-
-    images = SegDataset(cfg.dataset, cfg.data_root, cfg.split, size=cfg.resize)
-    target = PseudoLabelledTarget(images, cfg.pseudo_dir)
-    meta = checkpoint_meta(cfg.init_checkpoint)
-    student = load_model(cfg.init_checkpoint, device, num_classes=images.protocol.num_classes)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
-    hpla = (
-        build_hpla(
-            cfg.pseudo_dir,
-            target,
-            cfg.num_hard,
-            tuple(cfg.ignored_classes),
-            cfg.hpla_mode,
-            cfg.donor_drop_fraction,
-            None,  # HPLATarget seeds a generator per sample
-        )
-        if cfg.hpla
-        else None
+    """Run one round; returns the run folder (with ``student_final.pt`` and ``teacher_final.pt``). Resumable."""
+    return run_stage(
+        cfg, Path(cfg.out).name, "teacher_final.pt", lambda device, start: SelfTraining(cfg, device, start)
     )
-
-    freeze_bn(student, cfg.freeze_bn)
-    opt = make_optimizer(student, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
-    base_lrs = [g["lr"] for g in opt.param_groups]  # before a resumed state overwrites them
-    scaler = make_scaler(device, cfg.amp)
-    teacher = copy.deepcopy(student)  # SPEC 1.1: a copy of the student at the start of the round
-    start = 0
-    state = load_state(out / "state.pt")
-    if state is not None:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        gen.set_state(state["generator"])
-        start = int(state["iteration"])
-        print(f"{out / 'state.pt'}: resuming at iteration {start}/{cfg.iterations}")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    teacher.eval()  # always eval mode: BN uses the running statistics copied from the student
-    net = student
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(student))
-    pasted = HPLATarget(target, hpla, cfg.seed + 7)
-    loader = iter(
-        infinite_loader(
-            pasted, cfg.batch_size // world, cfg.seed, start * cfg.batch_size, cfg.num_workers, device, positions=True
-        )
-    )
-    log = CsvLog(out / "log.csv", resume_from=start) if distributed.is_main() else None
-    net.train()
-    freeze_bn(student, cfg.freeze_bn)
-    bar = tqdm(
-        total=cfg.iterations,
-        initial=start,
-        desc=Path(cfg.out).name,
-        disable=not (cfg.progress and distributed.is_main()),
-        dynamic_ncols=True,
-    )
-    t0 = time.perf_counter()
-    stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
-    for it in range(start, stop):
-        batch = next(loader)
-        imgs, labels, provenance = (batch[k].to(device) for k in ("image", "label", "provenance"))  # HPLA applied
-
-        f = set_lr(opt, base_lrs, lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup))
-        loss, terms = self_training_step(net, teacher, imgs, labels, provenance, cfg, gen, device)
-        if not np.isfinite(terms["loss"]):
-            raise RuntimeError(f"iteration {it}: loss is {terms['loss']}; terms {terms}")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        ema_update(teacher, student, cfg.ema_gamma)  # after the step, before the LR schedule (SPEC 5.2)
-
-        bar.update(1)
-        bar.set_postfix(loss=f"{terms['loss']:.3f}", ce=f"{terms['ce']:.3f}", cst=f"{terms['consistency']:.3f}")
-        if log is not None:
-            log.write(
-                {
-                    "iteration": it + 1,
-                    **{k: round(v, 6) for k, v in terms.items()},
-                    "lr": base_lrs[0] * f,
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-            )
-        if distributed.is_main() and save_due(it + 1, cfg.checkpoint_every, stop):
-            save_state(
-                out / "state.pt",
-                {
-                    "student": student.state_dict(),
-                    "teacher": teacher.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "generator": gen.get_state(),
-                    "iteration": it + 1,
-                },
-            )
-    bar.close()
-    if stop < cfg.iterations:
-        print(f"{out / 'state.pt'}: stopped at iteration {stop}/{cfg.iterations}; re-run to resume")
-        return out
-    if distributed.is_main():
-        meta = {
-            **meta,
-            "round_config": cfg.out,
-            "iterations": cfg.iterations,
-            "seconds_per_iteration": (time.perf_counter() - t0) / max(cfg.iterations - start, 1),
-        }
-        save_checkpoint(out / "student_final.pt", student, {**meta, "role": "student"})
-        save_checkpoint(out / "teacher_final.pt", teacher, {**meta, "role": "teacher"})
-    distributed.barrier()
-    return out

@@ -19,33 +19,21 @@ target-val" choice would use target labels, so both are the last iteration) and 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from hias_nb import augment, distributed
 from hias_nb.classes import IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.models import checkpoint_meta, freeze_bn, save_checkpoint
-from hias_nb.runs import CsvLog, load_state, prepare_run_dir, resolve_device, save_state
-from hias_nb.train import (
-    autocast_context,
-    crop_heights,
-    infinite_loader,
-    load_model,
-    lr_factor,
-    make_optimizer,
-    save_due,
-    set_lr,
-)
+from hias_nb.runner import autocast_context, infinite_loader, lr_factor, make_optimizer, run_stage, set_lr
+from hias_nb.train import load_model
 
 __all__ = [
     "WarmupConfig",
@@ -53,6 +41,7 @@ __all__ = [
     "discriminator_input",
     "discriminator_loss",
     "warmup_step",
+    "AdversarialWarmup",
     "adversarial_warmup",
     "SOURCE_LABEL",
     "TARGET_LABEL",
@@ -63,7 +52,8 @@ SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0
 
 @dataclass
 class WarmupConfig:
-    """``hias-nb warmup``. Defaults are toytown's; the reference's values are noted where they differ."""
+    """``hias-nb warmup``. Defaults are toytown's (what ``hias-nb demo`` runs, docs/toytown.md); the
+    reference's values are noted where they differ."""
 
     out: str = "runs/warmup"
     init_checkpoint: str = "runs/source_only/model_final.pt"  # the source-only model
@@ -82,13 +72,13 @@ class WarmupConfig:
     freeze_bn: Literal["none", "affine", "full"] = "none"
     joint_forward: bool = True  # source and target in one forward pass (shared BatchNorm batch statistics)
     source_weight: float = 1.0
-    adv_weight: float = 0.05  # reference: 0.05 (GTA5), 0.001 (SYNTHIA)
+    adv_weight: float = 0.15  # reference: 0.05 (GTA5, pretrained ResNet-101), 0.001 (SYNTHIA); not re-measured
     ent_weight: float = 0.0  # MinEnt on all target pixels (reference default 3.0, see module docstring)
     d_input: Literal["softmax", "entropy"] = "softmax"  # AdaptSegNet or AdvEnt
     d_loss: Literal["mse", "bce"] = "mse"  # LSGAN (reference) or BCE-with-logits (AdaptSegNet/AdvEnt papers)
     d_weight: float = 1.0
     d_lr: float = 1e-4
-    d_ndf: int = 64
+    d_ndf: int = 32  # discriminator width; reference: 64, sized for 1024×512 maps (1.5× slower a step here)
     crop_scale: tuple[float, float] = (0.6, 1.0)
     crop_ratio: float = 2.0
     photometric: float = 1.0  # source photometric augmentation, as in source-only training
@@ -216,132 +206,76 @@ def warmup_step(
     return g_loss, d_loss, terms
 
 
+class AdversarialWarmup:
+    """The warm-up stage for `run_stage`: the segmentation network and the discriminator, each with its optimiser."""
+
+    postfix = ("ce", "adv", "d_loss")
+
+    def __init__(self, cfg: WarmupConfig, device: str, start: int) -> None:
+        self.cfg, self.device = cfg, device
+        src = SegDataset(cfg.dataset, cfg.data_root, cfg.source_split, size=cfg.resize)
+        tgt = SegDataset(cfg.dataset, cfg.data_root, cfg.target_split, size=cfg.resize)
+        self.hw = tuple(src[0]["image"].shape[-2:])
+        if self.hw != tuple(tgt[0]["image"].shape[-2:]) and cfg.resize is None:
+            raise InputError(f"resize: source images are {self.hw}, target {tuple(tgt[0]['image'].shape[-2:])}")
+        num_classes = src.protocol.num_classes
+        self.meta = checkpoint_meta(cfg.init_checkpoint)
+        self.model = load_model(cfg.init_checkpoint, device, num_classes=num_classes)
+        torch.manual_seed(cfg.seed)
+        self.disc = FCDiscriminator(num_classes, cfg.d_ndf).to(device)
+        freeze_bn(self.model, cfg.freeze_bn)
+        self.opt = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.d_lr, betas=(0.9, 0.999))  # no weight decay
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
+        self.parts = {
+            "model": self.model,
+            "discriminator": self.disc,
+            "optimizer": self.opt,
+            "optimizer_d": self.opt_d,
+            "generator": self.gen,
+        }
+        self.net, self.dnet = distributed.wrap(self.model), distributed.wrap(self.disc)
+        self.net.train()
+        freeze_bn(self.model, cfg.freeze_bn)
+        per_rank, skip = cfg.batch_size // distributed.world_size(), start * cfg.batch_size
+        self.source = iter(infinite_loader(src, per_rank, cfg.seed, skip, 0, device))
+        self.target = iter(infinite_loader(tgt, per_rank, cfg.seed + 1, skip, 0, device))
+
+    def _weak(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        v = augment.make_views(
+            batch["image"].to(self.device), batch["label"].to(self.device), generator=self.gen,
+            crop_size=self.hw, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio, strong=False,
+        )  # fmt: skip
+        return v.weak, v.label
+
+    def step(self, it: int) -> dict[str, float]:
+        cfg = self.cfg
+        xs, ys = self._weak(next(self.source))
+        if cfg.photometric > 0:
+            xs = augment.photometric(xs, generator=self.gen, strength=cfg.photometric)
+        xt, _ = self._weak(next(self.target))  # the target label is never read (unsupervised)
+        lr = set_lr(self.opt, self.base_lrs, lr_factor(it, cfg.iterations, cfg.schedule))
+        set_lr(self.opt_d, [cfg.d_lr], lr_factor(it, cfg.iterations, cfg.schedule))
+        g_loss, d_loss, terms = warmup_step(
+            self.net, self.dnet, augment.normalize(xs), ys, augment.normalize(xt), cfg, self.device
+        )
+        self.opt.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt.step()
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        return {**terms, "lr": lr}
+
+    def finish(self, out: Path, timing: dict[str, float]) -> None:
+        torch.save(self.disc.state_dict(), out / "discriminator_final.pt")
+        meta = {**self.meta, "warmup": "adversarial", **timing}
+        save_checkpoint(out / "model_final.pt", self.model, meta)  # written last: its presence marks a finished run
+
+
 def adversarial_warmup(cfg: WarmupConfig) -> Path:
     """Run the warm-up; returns the run folder (``model_final.pt``, ``discriminator_final.pt``). Resumable."""
     cfg.validate()
-    device = resolve_device(cfg.device)
-    distributed.init_distributed(device)
-    out = Path(cfg.out)
-    if (out / "model_final.pt").exists() and (out / "config.yaml").exists():
-        prepare_run_dir(out, cfg)  # refuses if the finished run had another config
-        print(f"{out}: warm-up already complete; nothing to do")
-        return out
-    if distributed.is_main():
-        prepare_run_dir(out, cfg)
-    world = distributed.world_size()
-    if cfg.batch_size % world:
-        raise InputError(f"batch_size: {cfg.batch_size} does not divide over {world} processes")
-
-    src = SegDataset(cfg.dataset, cfg.data_root, cfg.source_split, size=cfg.resize)
-    tgt = SegDataset(cfg.dataset, cfg.data_root, cfg.target_split, size=cfg.resize)
-    hw_s, hw_t = tuple(src[0]["image"].shape[-2:]), tuple(tgt[0]["image"].shape[-2:])
-    if hw_s != hw_t and cfg.resize is None:
-        raise InputError(f"resize: source images are {hw_s}, target images {hw_t}; set resize to one size")
-    num_classes = src.protocol.num_classes
-    meta = checkpoint_meta(cfg.init_checkpoint)
-    model = load_model(cfg.init_checkpoint, device, num_classes=num_classes)
-    torch.manual_seed(cfg.seed)
-    disc = FCDiscriminator(num_classes, cfg.d_ndf).to(device)
-    freeze_bn(model, cfg.freeze_bn)
-    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr, betas=(0.9, 0.999))  # SPEC 1.4: no weight decay
-    base_d = cfg.d_lr
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
-    start = 0
-    state = load_state(out / "state.pt")
-    if state is not None:
-        model.load_state_dict(state["model"])
-        disc.load_state_dict(state["discriminator"])
-        opt.load_state_dict(state["optimizer"])
-        opt_d.load_state_dict(state["optimizer_d"])
-        gen.set_state(state["generator"])
-        start = int(state["iteration"])
-        print(f"{out / 'state.pt'}: resuming at iteration {start}/{cfg.iterations}")
-    net, dnet = model, disc
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model))
-        dnet = nn.parallel.DistributedDataParallel(disc)
-
-    per_rank = cfg.batch_size // world
-    src_it = iter(infinite_loader(src, per_rank, cfg.seed, start * cfg.batch_size, 0, device))
-    tgt_it = iter(infinite_loader(tgt, per_rank, cfg.seed + 1, start * cfg.batch_size, 0, device))
-    h_range = crop_heights(None, cfg.crop_scale, hw_s[0])
-    log = CsvLog(out / "log.csv", resume_from=start) if distributed.is_main() else None
-    net.train()
-    freeze_bn(model, cfg.freeze_bn)
-    bar = tqdm(
-        total=cfg.iterations,
-        initial=start,
-        desc="warm-up",
-        disable=not (cfg.progress and distributed.is_main()),
-        dynamic_ncols=True,
-    )
-    t0 = time.perf_counter()
-    stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
-    for it in range(start, stop):
-        bs, bt = next(src_it), next(tgt_it)
-        xs, ys, _ = augment.weak_view(
-            bs["image"].to(device), bs["label"].to(device), out_size=hw_s, h_range=h_range,
-            ratio=cfg.crop_ratio, generator=gen,
-        )  # fmt: skip
-        if cfg.photometric > 0:
-            xs = augment.photometric(xs, generator=gen, strength=cfg.photometric)
-        xt, _, _ = augment.weak_view(
-            bt["image"].to(device),
-            bt["label"].to(device),
-            out_size=hw_s,
-            h_range=h_range,
-            ratio=cfg.crop_ratio,
-            generator=gen,
-        )  # fmt: skip  (the target label rides along only to share weak_view's signature; it is never read)
-        f = set_lr(opt, base_lrs, lr_factor(it, cfg.iterations, cfg.schedule))
-        set_lr(opt_d, [base_d], lr_factor(it, cfg.iterations, cfg.schedule))
-        g_loss, d_loss, terms = warmup_step(net, dnet, augment.normalize(xs), ys, augment.normalize(xt), cfg, device)
-        if not np.isfinite(terms["loss"]) or not np.isfinite(terms["d_loss"]):
-            raise RuntimeError(f"iteration {it}: non-finite loss; terms {terms}; lower lr (now {cfg.lr})")
-        opt.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt.step()
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-
-        bar.update(1)
-        bar.set_postfix(ce=f"{terms['ce']:.3f}", adv=f"{terms['adv']:.3f}", d=f"{terms['d_loss']:.3f}")
-        if log is not None:
-            log.write(
-                {
-                    "iteration": it + 1,
-                    **{k: round(v, 6) for k, v in terms.items()},
-                    "lr": base_lrs[0] * f,
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-            )
-        if distributed.is_main() and save_due(it + 1, cfg.checkpoint_every, stop):
-            save_state(
-                out / "state.pt",
-                {
-                    "model": model.state_dict(),
-                    "discriminator": disc.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "optimizer_d": opt_d.state_dict(),
-                    "generator": gen.get_state(),
-                    "iteration": it + 1,
-                },
-            )
-    bar.close()
-    if stop < cfg.iterations:
-        print(f"{out / 'state.pt'}: stopped at iteration {stop}/{cfg.iterations}; re-run to resume")
-        return out
-    if distributed.is_main():
-        meta = {
-            **meta,
-            "warmup": "adversarial",
-            "iterations": cfg.iterations,
-            "seconds_per_iteration": (time.perf_counter() - t0) / max(cfg.iterations - start, 1),
-        }
-        torch.save(disc.state_dict(), out / "discriminator_final.pt")
-        save_checkpoint(out / "model_final.pt", model, meta)  # written last: its presence marks a finished run
-    distributed.barrier()
-    return out
+    return run_stage(cfg, "warm-up", "model_final.pt", lambda device, start: AdversarialWarmup(cfg, device, start))

@@ -6,7 +6,9 @@ import itertools
 import torch
 from torch import nn
 
-from hias_nb.train import InfiniteSampler, ema_update, lr_factor, recalibrate_bn
+from hias_nb.runner import InfiniteSampler, lr_factor
+from hias_nb.self_train import ema_update
+from hias_nb.train import recalibrate_bn
 
 
 def test_ema_update_params_average_buffers_copy():

@@ -81,7 +81,8 @@ def _pair(seed: int = 0):
 def test_each_loss_reaches_only_its_own_network():
     model, disc, xs, ys, xt = _pair()
     model.train()
-    g, d, terms = warmup_step(model, disc, xs, ys, xt, WarmupConfig(ent_weight=0.5), "cpu")
+    cfg = WarmupConfig(ent_weight=0.5)
+    g, d, terms = warmup_step(model, disc, xs, ys, xt, cfg, "cpu")
     g.backward()
     assert all(p.grad is None for p in disc.parameters())  # D frozen while the generator loss was built
     assert all(p.grad is not None for p in model.aspp.parameters())
@@ -89,7 +90,8 @@ def test_each_loss_reaches_only_its_own_network():
     d.backward()
     assert all(p.grad is None for p in model.parameters())  # D's loss sees detached maps
     assert all(p.grad is not None for p in disc.parameters())
-    assert terms["loss"] == pytest.approx(terms["ce"] + 0.05 * terms["adv"] + 0.5 * terms["entropy"], rel=1e-5)
+    want = terms["ce"] + cfg.adv_weight * terms["adv"] + 0.5 * terms["entropy"]
+    assert terms["loss"] == pytest.approx(want, rel=1e-5)
 
 
 def test_generator_loss_terms_match_direct_formulas():

@@ -1,0 +1,246 @@
+"""The one runner of every long training stage (source-only/oracle, adversarial warm-up, self-training rounds).
+
+A stage supplies only what is its own — its config, its model set-up and its step — as a `Stage`; `run_stage`
+does the rest, the same way for every stage:
+
+1. refuse or skip: a folder with the stage's final file and the same config is complete (nothing to do); one
+   with another config is refused (exit 2) so nothing written before is lost or mixed;
+2. prepare the run folder (``config.yaml``, the resolved config) and check the batch divides over the processes;
+3. resume: ``state.pt`` holds every stateful part the stage names (modules, optimisers, scalers, generators)
+   and the iteration reached; the stage builds its data stream from that iteration, so a resumed run sees
+   exactly the batches an uninterrupted one would;
+4. loop: one `Stage.step` per iteration, a non-finite term stops the run before anything from that step is
+   saved, a CSV row per iteration (``log.csv``), a progress bar, ``state.pt`` every ``checkpoint_every``
+   iterations and where the session stops (``stop_after``, for wall-time-limited jobs);
+5. finish: the stage writes its final artefacts (the file that marks it complete is written last).
+
+Under ``torchrun`` every process runs the loop on its share of the batch and rank 0 writes every file.
+Also here: the pieces every loop uses (learning-rate schedule, endless seeded sampler, autocast, optimiser).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hias_nb import distributed
+from hias_nb.errors import InputError
+from hias_nb.models import param_groups
+from hias_nb.runs import CsvLog, load_state, prepare_run_dir, resolve_device, save_state
+
+__all__ = [
+    "Stage",
+    "run_stage",
+    "make_optimizer",
+    "lr_factor",
+    "set_lr",
+    "save_due",
+    "InfiniteSampler",
+    "infinite_loader",
+    "autocast_context",
+    "cpu_has_native_bf16",
+    "make_scaler",
+]
+
+
+class Stage(Protocol):
+    """What a stage hands `run_stage` (built once the iteration to start from is known)."""
+
+    parts: dict[str, Any]  # saved in state.pt under these names: nn.Module, Optimizer, GradScaler, Generator
+    postfix: tuple[str, ...]  # terms shown on the progress bar
+
+    def step(self, it: int) -> dict[str, float]:
+        """Iteration `it` (0-based): batch, forward, losses, backward, optimiser steps; returns the logged terms."""
+        ...
+
+    def finish(self, out: Path, timing: dict[str, float]) -> None:
+        """Write the final artefacts into `out` (rank 0 only); `timing` goes into the checkpoints' meta."""
+        ...
+
+
+def _state_of(part: Any) -> Any:
+    return part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
+
+
+def _restore(part: Any, value: Any) -> None:
+    if isinstance(part, torch.Generator):
+        part.set_state(value)
+    else:
+        part.load_state_dict(value)
+
+
+def _already_complete(out: Path, cfg: Any, done: str, name: str) -> bool:
+    """A finished run with the same config (refused with exit 2 when the config differs)."""
+    if not ((out / done).exists() and (out / "config.yaml").exists()):
+        return False
+    prepare_run_dir(out, cfg)
+    if distributed.is_main():
+        print(f"{out}: {name} already complete; nothing to do")
+    return True
+
+
+def run_stage(cfg: Any, name: str, done: str, build: Callable[[str, int], Stage]) -> Path:
+    """Run a stage into ``cfg.out`` (resuming, skipping or refusing as above); returns the run folder.
+
+    `cfg` needs ``out``, ``device``, ``iterations``, ``batch_size``, ``checkpoint_every``, ``stop_after`` and
+    ``progress``; `done` is the final file whose presence marks a complete run; ``build(device, start)``
+    makes the stage with its data stream positioned at iteration `start`.
+    """
+    device = resolve_device(cfg.device)
+    distributed.init_distributed(device)
+    out = Path(cfg.out)
+    if _already_complete(out, cfg, done, name):
+        return out
+    if distributed.is_main():
+        prepare_run_dir(out, cfg)
+    if cfg.batch_size % distributed.world_size():
+        raise InputError(f"batch_size: {cfg.batch_size} does not divide over {distributed.world_size()} processes")
+    state = load_state(out / "state.pt")
+    start = int(state["iteration"]) if state is not None else 0
+    stage = build(device, start)
+    if state is not None:
+        for key, part in stage.parts.items():
+            _restore(part, state[key])
+        if distributed.is_main():
+            print(f"{out / 'state.pt'}: resuming at iteration {start}/{cfg.iterations}")
+    stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
+    seconds = _loop(stage, cfg, out, name, start, stop)
+    if stop < cfg.iterations:
+        print(f"{out / 'state.pt'}: paused at iteration {stop}/{cfg.iterations} (stop_after); the same command resumes")
+        return out
+    if distributed.is_main():
+        stage.finish(out, {"iterations": cfg.iterations, "seconds_per_iteration": seconds / max(stop - start, 1)})
+    distributed.barrier()
+    return out
+
+
+def _loop(stage: Stage, cfg: Any, out: Path, name: str, start: int, stop: int) -> float:
+    """Iterations `start`..`stop` of `stage`: log, progress and resumable state; returns the seconds taken."""
+    main = distributed.is_main()
+    log = CsvLog(out / "log.csv", resume_from=start) if main else None
+    bar = tqdm(total=cfg.iterations, initial=start, desc=name, disable=not (cfg.progress and main), dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for it in range(start, stop):
+        terms = stage.step(it)
+        if not all(np.isfinite(v) for v in terms.values()):  # nothing from this step is logged or saved
+            raise RuntimeError(f"{out}: iteration {it}: non-finite loss, terms {terms}; lower the lr ({cfg.lr})")
+        bar.update(1)
+        bar.set_postfix({k: f"{terms[k]:.3f}" for k in stage.postfix})
+        if log is not None:
+            row = {k: float(f"{v:.6g}") for k, v in terms.items()}
+            log.write({"iteration": it + 1, **row, "seconds": round(time.perf_counter() - t0, 2)})
+        if main and save_due(it + 1, cfg.checkpoint_every, stop):
+            parts = {key: _state_of(part) for key, part in stage.parts.items()}
+            save_state(out / "state.pt", {**parts, "iteration": it + 1})
+    bar.close()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces every training loop uses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, kind: str, lr: float, head_lr_mult: float, weight_decay: float):
+    """AdamW, Adam (coupled L2 weight decay, docs/method.md §6.3) or SGD over the backbone/head groups."""
+    groups = param_groups(model, lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def lr_factor(it: int, total: int, schedule: str, warmup: int = 0, min_factor: float = 1e-3) -> float:
+    """Multiplier of every group's base learning rate at iteration `it` (docs/method.md §6.3: cosine to
+    0.001·lr)."""
+    if warmup and it < warmup:
+        return (it + 1) / warmup
+    t = min(it, total) / max(total, 1)
+    if schedule == "cosine":
+        return min_factor + (1 - min_factor) * (1 + math.cos(math.pi * t)) / 2
+    if schedule == "poly":
+        return max((1 - t) ** 0.9, min_factor)
+    return 1.0
+
+
+def set_lr(opt: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> float:
+    """Set every parameter group's lr to its base lr × `factor` (the schedule); returns the first group's lr."""
+    for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+        g["lr"] = lr * factor
+    return base_lrs[0] * factor
+
+
+def save_due(done: int, every: int, stop: int) -> bool:
+    """Whether to write the resumable state after `done` iterations: every `every`, and where this session stops
+    (the end of the run or `stop_after`)."""
+    return done % every == 0 or done == stop
+
+
+class InfiniteSampler(torch.utils.data.Sampler[int]):
+    """Endless reshuffled indices: epoch e is a permutation seeded by (seed, e); rank r takes every world-th index.
+
+    ``start`` skips that many (global) samples so a resumed run sees exactly the batches it would have seen.
+    With ``positions=True`` it yields ``(position, index)`` pairs, the position counting samples from the start
+    of the run over all ranks: a dataset can seed per-sample randomness with it (see ``self_train.HPLATarget``).
+    """
+
+    def __init__(self, n: int, seed: int, start: int = 0, positions: bool = False) -> None:
+        self.n, self.seed, self.start, self.positions = n, seed, start, positions
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        pos = self.start
+        while True:
+            epoch, offset = divmod(pos, self.n)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            for i in range(offset, self.n):
+                if (pos - self.start) % self.world == self.rank:
+                    yield (pos, int(perm[i])) if self.positions else int(perm[i])
+                pos += 1
+
+
+def infinite_loader(ds, batch: int, seed: int, start: int, workers: int, device: str, positions: bool = False):
+    """Endless batches over `ds` in `InfiniteSampler` order, starting `start` samples in (for resumption)."""
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=InfiniteSampler(len(ds), seed, start, positions),
+        num_workers=workers,
+        pin_memory=device.startswith("cuda"),
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_context(device: str, amp: bool):
+    """bf16 autocast on CUDA when available (fp16 otherwise) and on CPUs with native bf16 (≈ 1.8× faster steps
+    on an AVX512-BF16 CPU, `benchmarks/bench_step.py`); a no-op elsewhere and with `amp=False`."""
+    if amp and device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp and device == "cpu" and cpu_has_native_bf16())
+
+
+def make_scaler(device: str, amp: bool) -> torch.amp.GradScaler:
+    """A loss scaler, enabled only where autocast runs in fp16 (CUDA without bf16)."""
+    return torch.amp.GradScaler(
+        "cuda", enabled=amp and device.startswith("cuda") and not torch.cuda.is_bf16_supported()
+    )
