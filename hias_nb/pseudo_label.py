@@ -82,6 +82,10 @@ def visiting_order(n: int, batch_size: int, order: str, seed: int) -> list[int]:
     ``seeded``: a numpy permutation of (seed); ``reference``: the permutation a ``DataLoader(shuffle=True)``
     draws (torch's RandomSampler) — the published code's mechanism, here seeded and recorded (docs/method.md B11);
     ``sorted``: file order.
+
+    Args:
+        n: number of images; batch_size: images per instance (the grouping does not change the order);
+        order: ``"seeded"``, ``"reference"`` or ``"sorted"``; seed: the permutation's seed.
     """
     if order == "sorted":
         return list(range(n))
@@ -303,7 +307,11 @@ def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
 
 
 def summary_table(folder: str | Path) -> pd.DataFrame:
-    """Per-class table of a pseudo-label folder: threshold, class value, kept fraction, precision (if GT)."""
+    """Per-class table of a pseudo-label folder: threshold, class value, kept fraction, precision (if GT).
+
+    Args:
+        folder: a finished pseudo-label folder (``summary.json`` and ``stats.parquet``).
+    """
     folder = Path(folder)
     s = load_pseudo_summary(folder)
     stats = pd.read_parquet(folder / "stats.parquet")

@@ -517,12 +517,12 @@ def ias_reference(
     conf: np.ndarray,
     pred: np.ndarray,
     num_classes: int,
-    alpha: float = 0.2,
-    beta: float = 0.9,
-    gamma: float = 8.0,
-    init: float = 0.9,
-    instance: Instance = "batch",
-    batch_size: int = 2,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    init: float,
+    instance: Instance,
+    batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """IAS over a stream of images in visiting order, written plainly (``ias_reference_instance`` per instance).
 
@@ -559,6 +559,10 @@ class ClassValues:
     ``update(conf, labels)`` per instance: ``m_c`` = mean ``conf`` over pixels whose selected label is c
     (computed in float64); classes without such pixels are skipped; ``v_c <- m_c`` the first time
     (``v_c == 0``), else ``v_c <- gamma * v_c + (1 - gamma) * m_c``. ``values`` float64 `[C]`, 0 = never set.
+
+    Args:
+        num_classes: C.
+        gamma: EMA momentum of the class values.
     """
 
     def __init__(self, num_classes: int, gamma: float = 0.99):
@@ -604,6 +608,10 @@ def confidence_histograms(conf: torch.Tensor, pred: torch.Tensor, first_image: i
     Returns columns ``image`` (int32, ``first_image + b``), ``class`` (int16), ``code`` (int16: the float16 bit
     pattern of the confidence, 0..15360), ``count`` (int32), sorted by (image, class, code), zero counts
     omitted: ``pd.DataFrame(rows)`` appends to Parquet as is. Enough to replay IAS exactly (``replay_ias``).
+
+    Args:
+        conf: float32 `[B,H,W]`, max softmax probability; pred: integer `[B,H,W]`, argmax class ids.
+        first_image: the ``image`` index of ``conf[0]`` (the batch's position in the stream).
     """
     conf, pred = _check_inputs(conf, pred, None, "confidence_histograms")
     num_classes = int(pred.max()) + 1
@@ -625,6 +633,10 @@ class ConfidenceHistogram:
     the order of their first row (the generation order when batches were appended in order); ``image`` may be
     an index or a name. The grouping into instances is prepared once per (instance, batch_size) and cached, so
     repeated ``replay_ias`` calls (slider redraws) only pay the per-instance loop.
+
+    Args:
+        rows: the histogram rows described above.
+        num_classes: C.
     """
 
     def __init__(self, rows: Mapping[str, np.ndarray] | pd.DataFrame, num_classes: int):
@@ -712,6 +724,11 @@ def replay_ias(
     with ``fp16(q) >= theta`` at float16 resolution: the real selection compares the fp32 ``q``, so pixels
     within one float16 step (2**-11 in [0.5, 1)) below a threshold may count here but be ignored by IAS.
     Pass a ``ConfidenceHistogram`` to reuse its prepared grouping across calls.
+
+    Args:
+        hist: rows of ``confidence_histograms`` (e.g. ``histograms.parquet``) or a prepared ``ConfidenceHistogram``.
+        num_classes, alpha, beta, gamma, init, instance: as ``IAS``.
+        batch_size: images per instance when ``instance="batch"`` (the generation's ``batch_size``).
     """
     who = "replay_ias"
     alpha, beta, init = _check_unit(alpha, "alpha", who), _check_unit(beta, "beta", who), _check_unit(init, "init", who)

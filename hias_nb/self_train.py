@@ -39,7 +39,7 @@ from hias_nb.runner import (
     run_stage,
     set_lr,
 )
-from hias_nb.train import load_model
+from hias_nb.train import ema_update, load_model
 
 __all__ = [
     "SelfTrainConfig",
@@ -47,7 +47,6 @@ __all__ = [
     "HPLATarget",
     "build_hpla",
     "hiast_step",
-    "ema_update",
     "SelfTraining",
     "self_train",
 ]
@@ -81,7 +80,9 @@ class SelfTrainConfig:
     lambda_ent: float = 1.0  # R_i on the ignored region
     lambda_cst: float = 0.5  # consistency with the teacher
     cst_region: Literal["ignored", "confident", "all"] = "ignored"
-    normalisation: Literal["reference", "pixel"] = "reference"  # docs/method.md §4 / §5.3 (the 1/C factors) or per pixel
+    normalisation: Literal["reference", "pixel"] = (
+        "reference"  # docs/method.md §4 / §5.3 (the 1/C factors) or per pixel
+    )
     hpla: bool = True
     hpla_mode: Literal["reference", "intended"] = "reference"
     num_hard: int = 14
@@ -254,21 +255,6 @@ def hiast_step(
         "confident_fraction": confident.float().mean().item(),
         "pasted_fraction": (v.provenance != IGNORE).float().mean().item(),
     }
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, gamma: float) -> None:
-    """Mean teacher (docs/method.md §5.2): every parameter ``t ← γ·t + (1−γ)·s``; every buffer copied from the
-    student. Uses the fused multi-tensor ``torch._foreach_*`` kernels (one launch for all tensors)."""
-    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    if len(t_params) != len(s_params):
-        raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
-    torch._foreach_mul_(t_params, gamma)
-    torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1 - gamma)
-    t_bufs, s_bufs = list(teacher.buffers()), list(student.buffers())
-    if len(t_bufs) != len(s_bufs):
-        raise ValueError(f"teacher has {len(t_bufs)} buffers, student {len(s_bufs)}")
-    torch._foreach_copy_(t_bufs, s_bufs)
 
 
 class SelfTraining:

@@ -1,4 +1,4 @@
-"""Source-only (and oracle) training, and BatchNorm re-estimation (AdaBN).
+"""Source-only (and oracle) training, BatchNorm re-estimation (AdaBN), and the EMA (mean-teacher) update.
 
 One iteration (`SourceTraining.step`): labelled batch → weak view (flip + random-sized crop, docs/method.md §5.5)
 → photometric augmentation (so the source model's BatchNorm statistics do not encode the source palette,
@@ -26,7 +26,7 @@ from hias_nb.errors import InputError
 from hias_nb.models import DeepLabV2, checkpoint_meta, describe_init, freeze_bn, load_checkpoint, save_checkpoint
 from hias_nb.runner import autocast_context, infinite_loader, lr_factor, make_optimizer, make_scaler, run_stage, set_lr
 
-__all__ = ["TrainConfig", "SourceTraining", "train_source", "build_model", "recalibrate_bn", "load_model"]
+__all__ = ["TrainConfig", "SourceTraining", "train_source", "build_model", "recalibrate_bn", "ema_update", "load_model"]
 
 
 @dataclass
@@ -186,6 +186,21 @@ def recalibrate_bn(
         m.momentum = mom
     model.eval()
     return model
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, gamma: float) -> None:
+    """Mean teacher (docs/method.md §5.2): every parameter ``t ← γ·t + (1−γ)·s``; every buffer copied from the
+    student. Uses the fused multi-tensor ``torch._foreach_*`` kernels (one launch for all tensors)."""
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    if len(t_params) != len(s_params):
+        raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
+    torch._foreach_mul_(t_params, gamma)
+    torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1 - gamma)
+    t_bufs, s_bufs = list(teacher.buffers()), list(student.buffers())
+    if len(t_bufs) != len(s_bufs):
+        raise ValueError(f"teacher has {len(t_bufs)} buffers, student {len(s_bufs)}")
+    torch._foreach_copy_(t_bufs, s_bufs)
 
 
 def load_model(checkpoint: str | Path, device: str, num_classes: int | None = None) -> nn.Module:

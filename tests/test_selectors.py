@@ -273,7 +273,7 @@ def test_every_policy_is_a_selector_with_one_pass_structure():
             expected = np.where(c.numpy().astype(np.float64) >= theta[p.numpy()], p.numpy(), 255)
             np.testing.assert_array_equal(labels.numpy(), expected)
         assert (policy.history is None) == (not isinstance(policy, IAS))
-    ref_theta, _ = ias_reference(conf, pred, 4, alpha=0.5)
+    ref_theta, _ = ias_reference(conf, pred, 4, 0.5, 0.9, 8.0, 0.9, "batch", 2)
     assert np.array_equal(policies[0].thresholds.numpy(), ref_theta[-1])
     for policy in policies:
         with pytest.raises(InputError, match=f"{type(policy).__name__}.select"):

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from hias_nb.runner import InfiniteSampler, lr_factor
-from hias_nb.self_train import ema_update
-from hias_nb.train import recalibrate_bn
+from hias_nb.train import ema_update, recalibrate_bn
 
 
 def test_ema_update_params_average_buffers_copy():
