@@ -46,6 +46,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_meta",
+    "write_published_layout",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -413,3 +414,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
         return model.module
     return model
+
+
+def write_published_layout(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Rewrite a hias_nb checkpoint in the published HIAST layout (docs/method.md §6.6), for trying
+    ``load_checkpoint`` on it: a bare state dict whose keys carry the ``seg_model.`` prefix, plus the unused
+    ``representation`` head and a discriminator key, which a loader must ignore. Returns `out`."""
+    obj = _read_file(Path(checkpoint))
+    if not (isinstance(obj, dict) and "state_dict" in obj):
+        raise InputError(f"{checkpoint}: not a hias_nb checkpoint (no state_dict)")
+    state = {f"seg_model.{k}": v for k, v in obj["state_dict"].items()}
+    state["seg_model.representation.0.weight"] = torch.zeros(4, 8, 1, 1)
+    state["seg_model.representation.0.bias"] = torch.zeros(4)
+    state["D.conv1.weight"] = torch.zeros(2, 2, 4, 4)
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+    return Path(out)

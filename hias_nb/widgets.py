@@ -5,11 +5,12 @@ an ``ipywidgets.Image``; setting a control's ``.value`` from code runs the same 
 browser, and the latest computed data stays on the object (``.thresholds``, ``.sample``, ``.total``) so that
 tests and readers can check what is drawn. Display ``obj.widget`` in a notebook.
 
-- `ThresholdReplay`: IAS (SPEC.md 2.2) replayed from a pseudo-label folder's recorded confidence histograms
-  for any α, β, γ and instance mode, without the model (``selectors.replay_ias``).
-- `hpla_preview` / `HPLAPreview`: one HPLA copy-paste (SPEC.md 3.4) and the weak and strong views built from
-  its result (SPEC.md 3.5, 5.5), as the teacher and the student see them.
-- `LossMapExplorer`: per-pixel loss terms of self-training (SPEC.md 4, 5.3) with a checkbox per λ.
+- `ThresholdReplay`: IAS (docs/method.md §2.2) replayed from a pseudo-label folder's recorded confidence
+  histograms for any α, β, γ and instance mode, without the model (``selectors.replay_ias``).
+- `hpla_preview` / `HPLAPreview`: one HPLA copy-paste (docs/method.md §3.4) and the weak and strong views built
+  from its result by ``augment.make_views`` (docs/method.md §3.5, §5.5), as the teacher and the student see them.
+- `LossMapExplorer`: per-pixel loss terms of self-training (docs/method.md §4, §5.3; ``losses.loss_maps``) with
+  a checkbox per λ.
 - `resolve_run`, `train_source_live`: the notebooks' run folder and a source training with a live loss curve.
 """
 
@@ -19,6 +20,7 @@ import dataclasses
 import io
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from hias_nb import augment, viz
+from hias_nb import analysis, augment, losses, viz
 from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
 from hias_nb.config import load_config
 from hias_nb.errors import InputError
@@ -36,7 +38,7 @@ from hias_nb.hpla import HPLA, Draw
 from hias_nb.pseudo_label import load_pseudo_summary
 from hias_nb.selectors import ConfidenceHistogram, cbst_from_histograms, replay_ias
 from hias_nb.self_train import PseudoLabelledTarget, SelfTrainConfig, build_hpla
-from hias_nb.train import TrainConfig, crop_heights, load_model, train_source
+from hias_nb.train import TrainConfig, load_model, train_source
 
 __all__ = [
     "resolve_run",
@@ -100,7 +102,7 @@ def train_source_live(cfg: TrainConfig, chunk: int = 10, output: W.Output | None
     while True:
         path = train_source(dataclasses.replace(cfg, stop_after=chunk))
         if output is not None and log_path.exists():
-            fig = viz.loss_curves(viz.read_log(log_path), ["loss"], title=f"source training ({cfg.split})")
+            fig = viz.loss_curves(analysis.read_log(log_path), ["loss"], title=f"source training ({cfg.split})")
             output.outputs = ()  # replace the previous curve (works in and outside a kernel)
             output.append_display_data(fig)
         if path.name == "model_final.pt":
@@ -227,20 +229,18 @@ def hpla_preview(
     crop_ratio: float = 2.0,
 ) -> HPLASample:
     """Apply `hpla` to one target sample and build the weak and strong views of the result, as self-training
-    does (HPLA at full resolution, then flip + random-sized crop, then CCA on the weak view). `recipient` is a
-    dataset index or an image name; the class and donor draws use ``hpla``'s own generator, the views
-    `generator`."""
+    does (HPLA at full resolution, then ``augment.make_views``: flip + random-sized crop to the input size, then
+    CCA on the weak view with the blur range scaled to it). `recipient` is a dataset index or an image name;
+    the class and donor draws use ``hpla``'s own generator, the views `generator`."""
     index = target.index_of[recipient] if isinstance(recipient, str) else int(recipient)
     item = target[index]
     image, label = item["image"], item["label"]
     result, result_label, provenance = hpla(image, label)
     donors = [(d.donor, *target.load(d.donor)) for d in hpla.last_draws]
-    h, w = label.shape
-    weak, weak_label, (weak_prov,) = augment.weak_view(
-        result[None], result_label[None], extra_maps=(provenance[None],), out_size=(h, w),
-        h_range=crop_heights(None, crop_scale, h), ratio=crop_ratio, generator=generator,
+    views = augment.make_views(
+        result[None], result_label[None], provenance[None], generator=generator, crop_scale=crop_scale,
+        crop_ratio=crop_ratio,
     )  # fmt: skip
-    strong, ops = augment.strong_view(weak, generator=generator, blur_limit=augment.scaled_blur_limit((h, w)))
     return HPLASample(
         recipient_name=item["name"],
         recipient=_hwc(image),
@@ -250,15 +250,15 @@ def hpla_preview(
         result=_hwc(result),
         result_label=result_label.numpy(),
         provenance=provenance.numpy(),
-        weak=_hwc(weak[0]),
-        weak_label=weak_label[0].numpy(),
-        weak_provenance=weak_prov[0].numpy(),
-        strong=_hwc(strong[0]),
-        strong_ops=ops[0],
+        weak=_hwc(views.weak[0]),
+        weak_label=views.label[0].numpy(),
+        weak_provenance=views.provenance[0].numpy(),
+        strong=_hwc(views.strong[0]),
+        strong_ops=views.strong_ops[0],
     )
 
 
-def hpla_preview_figure(sample: HPLASample, classes=CITYSCAPES_CLASSES) -> Figure:
+def hpla_preview_figure(sample: HPLASample, classes: Sequence[str] = CITYSCAPES_CLASSES) -> Figure:
     """Top row: donor, recipient, result, provenance (pasted class colours); bottom row: their pseudo-labels,
     the weak view (teacher) and the strong view (student) with the operations that fired."""
     fig = Figure(figsize=(12, 4.2), layout="constrained")
@@ -272,9 +272,9 @@ def hpla_preview_figure(sample: HPLASample, classes=CITYSCAPES_CLASSES) -> Figur
         (f"donor {donor[0]}", donor[1]),
         (f"recipient {sample.recipient_name}", sample.recipient),
         ("result (HPLA)", sample.result),
-        ("provenance (pasted classes)", viz.overlay(sample.result * 0 + 40, sample.provenance, 1.0)),
-        ("donor pseudo-label", viz.overlay(donor[1], donor[2], 0.7)),
-        ("recipient pseudo-label", viz.overlay(sample.recipient, sample.recipient_label, 0.7)),
+        ("provenance (pasted classes)", analysis.overlay(sample.result * 0 + 40, sample.provenance, 1.0)),
+        ("donor pseudo-label", analysis.overlay(donor[1], donor[2], 0.7)),
+        ("recipient pseudo-label", analysis.overlay(sample.recipient, sample.recipient_label, 0.7)),
         ("weak view (teacher)", sample.weak),
         (f"strong view (student): {ops}", sample.strong),
     ]
@@ -296,7 +296,7 @@ class HPLAPreview:
     Args:
         pseudo_dir: a pseudo-label folder (its class values, donors and labels).
         data_root, dataset, split: where its target images are.
-        num_hard: size of the hard set (SPEC 3.1; 14 in the paper).
+        num_hard: size of the hard set (docs/method.md §3.1; 14 in the paper).
         seed: seed of the draws; each redraw continues the same generators.
     """
 
@@ -359,8 +359,8 @@ class HPLAPreview:
 class LossMapExplorer:
     """Per-pixel loss terms on a batch of pseudo-labelled target images, with a checkbox per term.
 
-    The maps are computed once (``viz.loss_maps``: teacher on the images, student on their strong view); the
-    checkboxes switch a term's λ between its value in `weights` and 0 and the slider picks the image.
+    The maps are computed once (``losses.loss_maps``: teacher on the weak view, student on the strong view, as
+    in training); the checkboxes switch a term's λ between its value in `weights` and 0 and the slider picks the image.
     ``total`` is the weighted total map ``[B,H,W]`` currently drawn; its sum is the total loss of the batch.
     """
 
@@ -379,10 +379,10 @@ class LossMapExplorer:
         images = torch.stack([it["image"] for it in items]).to(device)
         labels = torch.stack([it["label"] for it in items]).to(device)
         generator = torch.Generator(device=images.device).manual_seed(seed)
-        self.maps = viz.loss_maps(student, teacher, images, labels, generator=generator)
+        self.maps = losses.loss_maps(student, teacher, images, labels, generator=generator)
         self.weights = dict(weights or {"ce": 1.0, "kld": 0.1, "entropy": 1.0, "consistency": 0.5})
         self.checks = {t: W.Checkbox(value=True, description=f"{t} (λ={self.weights.get(t, 0.0):g})")
-                       for t in viz.LOSS_TERMS}  # fmt: skip
+                       for t in losses.LOSS_TERMS}  # fmt: skip
         self.index = W.IntSlider(value=0, min=0, max=len(indices) - 1, description="image")
         self.image = _image_widget()
         self.total = np.zeros_like(self.maps["ce"])
@@ -392,11 +392,13 @@ class LossMapExplorer:
         self.widget = W.VBox([W.HBox(list(self.checks.values())), self.index, self.image])
 
     def active_weights(self) -> dict[str, float]:
+        """λ per term as the checkboxes set them (0 for an unchecked term)."""
         return {t: (self.weights.get(t, 0.0) if box.value else 0.0) for t, box in self.checks.items()}
 
     def redraw(self) -> np.ndarray:
+        """Recompute the weighted total map with the current checkboxes, redraw, and return it."""
         weights = self.active_weights()
-        self.total = viz.total_loss_map(self.maps, weights)
+        self.total = losses.total_loss_map(self.maps, weights)
         self.image.value = figure_png(viz.loss_map_figure(self.maps, self.index.value, weights), dpi=80)
         return self.total
 

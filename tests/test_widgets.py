@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hias_nb import viz, widgets
+from hias_nb import analysis, augment, widgets
 from hias_nb.classes import IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
@@ -33,7 +33,7 @@ def argmax_dir(tiny_toytown, model_ckpt, tmp_path_factory):
 def test_threshold_replay_matches_ias_and_redraws(pseudo_dir, tiny_toytown, model_ckpt):
     w = widgets.ThresholdReplay(pseudo_dir, hard=(5, 6))
     # the replay at the folder's settings is the IAS history written during generation
-    np.testing.assert_array_equal(w.thresholds, viz.threshold_matrix(pseudo_dir))
+    np.testing.assert_array_equal(w.thresholds, analysis.threshold_matrix(pseudo_dir))
     before_png = w.image.value
     before = w.lines[0].get_ydata().copy()
     w.alpha.value = 0.1
@@ -66,7 +66,7 @@ def test_hpla_preview_arrays_are_consistent(argmax_dir, pseudo_dir, tiny_toytown
     from hias_nb.self_train import build_hpla
 
     images = SegDataset("toytown", tiny_toytown, "target_train")
-    # edge case (SPEC B4): no hard class has donors, so nothing can be drawn and nothing is pasted
+    # edge case (docs/method.md B4): no hard class has donors, so nothing can be drawn and nothing is pasted
     target = PseudoLabelledTarget(images, pseudo_dir)
     hpla = HPLA([3, 4], np.full(C, 1 / C), {}, target.load)
     s = widgets.hpla_preview(hpla, target, 0, torch.Generator().manual_seed(1))
@@ -95,6 +95,15 @@ def test_hpla_preview_arrays_are_consistent(argmax_dir, pseudo_dir, tiny_toytown
             # the weak view moved label and provenance together: pasted pixels keep their pasted class
             wp = s.weak_provenance != IGNORE
             np.testing.assert_array_equal(s.weak_label[wp], s.weak_provenance[wp])
+    # the views are make_views' (the training pipeline) of the result, from the same generator state
+    chw = lambda a: torch.from_numpy(a)[None]  # noqa: E731
+    views = augment.make_views(chw(s.result).permute(0, 3, 1, 2), chw(s.result_label), chw(s.provenance),
+                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+    np.testing.assert_array_equal(s.weak, views.weak[0].permute(1, 2, 0).numpy())
+    np.testing.assert_array_equal(s.strong, views.strong[0].permute(1, 2, 0).numpy())
+    np.testing.assert_array_equal(s.weak_label, views.label[0].numpy())
+    np.testing.assert_array_equal(s.weak_provenance, views.provenance[0].numpy())
+    assert s.strong_ops == views.strong_ops[0]
 
 
 def test_hpla_preview_widget_controls(argmax_dir, tiny_toytown):
@@ -105,9 +114,20 @@ def test_hpla_preview_widget_controls(argmax_dir, tiny_toytown):
     assert w.sample.recipient_name == name
     w.mode.value = "intended"
     assert w.hpla.mode == "intended" and w.sample.recipient_name == name
-    png = w.image.value
+    png, before = w.image.value, w.sample
+    states = w.hpla_generator.get_state(), w.view_generator.get_state()
     w.button.click()
-    assert w.image.value != png or w.sample.draws  # redrawn with new draws
+    after = w.sample
+    assert after is not before and not np.array_equal(after.weak, before.weak)  # new view draws
+    assert w.image.value != png
+    assert after.recipient_name == name
+    # independent expectation: the same generator states through hpla_preview, rendered, give the shown image
+    w.hpla_generator.set_state(states[0])
+    w.view_generator.set_state(states[1])
+    expected = widgets.hpla_preview(w.hpla, w.target, name, w.view_generator)
+    assert expected.draws == after.draws
+    np.testing.assert_array_equal(expected.strong, after.strong)
+    assert w.image.value == widgets.figure_png(widgets.hpla_preview_figure(expected, w.classes), dpi=90)
     assert "donor" in w.info.value
 
 
@@ -157,7 +177,7 @@ def test_train_source_live_draws_curve_and_finishes(tiny_toytown, tmp_path):
     out = W.Output()
     path = widgets.train_source_live(cfg, chunk=3, output=out)
     assert path.name == "model_final.pt" and path.exists()
-    log = viz.read_log(tmp_path / "src" / "log.csv")
+    log = analysis.read_log(tmp_path / "src" / "log.csv")
     assert log["iteration"].tolist() == [1, 2, 3, 4]
     assert len(out.outputs) == 1  # cleared and redrawn after each chunk
     with pytest.raises(InputError):

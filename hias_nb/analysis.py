@@ -1,0 +1,378 @@
+"""Computations behind the notebook series: tables, calibration, threshold histories, evaluation of stages.
+
+Everything here returns numbers (numpy arrays, pandas DataFrames, report-like dicts) and nothing draws: no
+matplotlib import, so each function is unit-tested against hand-computed values or direct formulas
+(``tests/test_analysis.py``); `hias_nb.viz` turns the results into figures. The functions read what a run
+writes (``report.json``, ``log.csv``, the pseudo-label folder of docs/method.md §2.6, checkpoints) or take
+arrays. Sections follow the notebooks: 1 class frequencies, training logs, calibration and the domain gap,
+2 pseudo-labels and the IAS thresholds (docs/method.md §2.2-§2.3), 4 ablations, 5 stages side by side,
+6 dataset manifests. Computations that belong to a component live with it: the per-pixel loss maps in
+`hias_nb.losses` (``loss_maps``) and the published checkpoint layout in `hias_nb.models`
+(``write_published_layout``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Subset
+
+from hias_nb.classes import CITYSCAPES_PALETTE, IGNORE, colorize
+from hias_nb.data import SegDataset, list_manifests, load_manifest
+from hias_nb.errors import InputError
+from hias_nb.evaluate import EvalResult, evaluate, predict_probs, stage_entry
+from hias_nb.pseudo_label import summary_table
+from hias_nb.train import load_model
+
+__all__ = [
+    "overlay",
+    "selection_map",
+    # notebook 1
+    "class_frequencies",
+    "read_log",
+    "collect_predictions",
+    "calibration_table",
+    "expected_calibration_error",
+    "class_calibration",
+    "split_iou_report",
+    # notebook 2
+    "threshold_matrix",
+    "keep_fraction_table",
+    "pseudo_label_table",
+    # notebook 4
+    "ABLATION_COLUMNS",
+    "load_ablation",
+    "ablation_summary",
+    # notebook 5
+    "stage_checkpoints",
+    "stage_confusions",
+    "checkpoint_report",
+    "checkpoint_predictions",
+    "gap_table",
+    "student_teacher_table",
+    # notebook 6
+    "manifest_table",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Label overlays (the colours every figure uses)
+
+
+def overlay(
+    image: np.ndarray, label: np.ndarray, alpha: float = 0.5, palette: np.ndarray = CITYSCAPES_PALETTE
+) -> np.ndarray:
+    """Blend a label map `[H,W]` (class colours; ignored pixels stay unblended) over an image `[H,W,3]`:
+    ``round((1 - alpha) * image + alpha * colour)`` as uint8 ``[H,W,3]``."""
+    colours = colorize(label, palette).astype(np.float32)
+    keep = (np.asarray(label) < len(palette))[..., None]
+    out = np.where(keep, (1 - alpha) * image.astype(np.float32) + alpha * colours, image.astype(np.float32))
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def selection_map(pseudo: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """RGB ``[H,W,3]`` uint8: green = pseudo-label correct, red = wrong, grey = ignored by the selector,
+    black = no ground truth."""
+    pseudo, gt = np.asarray(pseudo), np.asarray(gt)
+    out = np.zeros((*pseudo.shape, 3), dtype=np.uint8)
+    has_gt = gt != IGNORE
+    kept = pseudo != IGNORE
+    out[~kept & has_gt] = (150, 150, 150)
+    out[kept & has_gt & (pseudo == gt)] = (40, 170, 60)
+    out[kept & has_gt & (pseudo != gt)] = (220, 40, 40)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Notebook 1: class frequencies, training logs, calibration, the domain gap
+
+
+def class_frequencies(
+    root: str | os.PathLike,
+    splits: Sequence[str] = ("source_train", "target_train"),
+    max_images: int = 200,
+    dataset: str = "toytown",
+) -> pd.DataFrame:
+    """Share of labelled pixels per class (0..1) in the first ``max_images`` labels of each split.
+
+    Returns a DataFrame indexed by class name with one column per split (each column sums to 1 unless the
+    split has no labelled pixel, then it is all NaN).
+    """
+    columns = {}
+    classes: tuple[str, ...] = ()
+    for split in splits:
+        ds = SegDataset(dataset, root, split)
+        classes = ds.protocol.classes
+        counts = np.zeros(len(classes), dtype=np.int64)
+        for i in range(min(max_images, len(ds))):
+            label = ds[i]["label"].reshape(-1)
+            counts += torch.bincount(label[label != IGNORE], minlength=len(classes)).numpy()[: len(classes)]
+        total = counts.sum()
+        columns[split] = counts / total if total else np.full(len(classes), np.nan)
+    return pd.DataFrame(columns, index=pd.Index(list(classes), name="class"))
+
+
+def read_log(path: str | os.PathLike) -> pd.DataFrame:
+    """A run's ``log.csv`` (one row per iteration) as a DataFrame; `InputError` when it is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no training log here")
+    return pd.read_csv(path)
+
+
+@torch.no_grad()
+def collect_predictions(
+    model: torch.nn.Module, dataset: Dataset, device: str, max_images: int = 64, batch_size: int = 16
+) -> dict[str, np.ndarray]:
+    """Confidence, prediction and ground truth of `model` on the first ``max_images`` items of `dataset`.
+
+    Returns ``conf`` float32 ``[N,H,W]`` (max softmax), ``pred`` and ``gt`` int64 ``[N,H,W]`` and ``image``
+    uint8 ``[N,H,W,3]``.
+    """
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {"conf": [], "pred": [], "gt": [], "image": []}
+    n = min(max_images, len(dataset))
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+        images = torch.stack([it["image"] for it in items]).to(device)
+        conf, pred = predict_probs(model, images).max(1)
+        out["conf"].append(conf.float().cpu().numpy())
+        out["pred"].append(pred.cpu().numpy())
+        out["gt"].append(torch.stack([it["label"] for it in items]).numpy())
+        out["image"].append(images.permute(0, 2, 3, 1).cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def calibration_table(conf: np.ndarray, pred: np.ndarray, gt: np.ndarray, bins: int = 10) -> pd.DataFrame:
+    """Reliability table over pixels with a label: per confidence bin ``[lo, hi)`` (the last bin closed),
+    ``pixels``, ``mean_conf`` and ``accuracy`` (share of pixels whose prediction equals the label).
+    The expected calibration error is ``sum(pixels * |accuracy - mean_conf|) / sum(pixels)``."""
+    conf, pred, gt = (np.asarray(a).reshape(-1) for a in (conf, pred, gt))
+    valid = gt != IGNORE
+    conf, correct = conf[valid].astype(np.float64), (pred[valid] == gt[valid])
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, bins - 1)
+    pixels = np.bincount(idx, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=bins) / pixels
+        accuracy = np.bincount(idx, weights=correct, minlength=bins) / pixels
+    return pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "pixels": pixels, "mean_conf": mean_conf,
+                         "accuracy": accuracy})  # fmt: skip
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """ECE of a ``calibration_table`` (pixel-weighted mean gap between accuracy and confidence)."""
+    used = table["pixels"] > 0
+    t = table[used]
+    return float((t["pixels"] * (t["accuracy"] - t["mean_conf"]).abs()).sum() / max(t["pixels"].sum(), 1))
+
+
+def class_calibration(
+    conf: np.ndarray, pred: np.ndarray, gt: np.ndarray, classes: Sequence[str], bins: int = 10
+) -> pd.DataFrame:
+    """Per *predicted* class (pixels with a label): ``pixels``, ``mean_conf``, ``accuracy`` (precision of the
+    prediction) and ``ece`` (of that class's own reliability table); NaN for a class never predicted."""
+    conf, pred, gt = (np.asarray(a).reshape(-1) for a in (conf, pred, gt))
+    rows = []
+    for c, name in enumerate(classes):
+        sel = pred == c
+        t = calibration_table(conf[sel], pred[sel], gt[sel], bins)
+        n = int(t["pixels"].sum())
+        valid = sel & (gt != IGNORE)
+        rows.append({
+            "class": name,
+            "pixels": n,
+            "mean_conf": float(conf[valid].mean()) if n else np.nan,
+            "accuracy": float((gt[valid] == c).mean()) if n else np.nan,
+            "ece": expected_calibration_error(t) if n else np.nan,
+        })  # fmt: skip
+    return pd.DataFrame(rows).set_index("class")
+
+
+def split_iou_report(
+    model: torch.nn.Module,
+    root: str | os.PathLike,
+    splits: Sequence[str],
+    device: str,
+    dataset: str = "toytown",
+    max_images: int | None = None,
+) -> dict:
+    """Evaluate `model` on several splits (the first ``max_images`` of each when given); a report-like dict
+    (``classes``, ``protocol``, one stage per split) that ``stage_iou_bars`` draws (e.g. source_val vs
+    target_val: the domain gap)."""
+    stages, protocol = [], None
+    for split in splits:
+        ds = SegDataset(dataset, root, split)
+        protocol = ds.protocol
+        part = ds if max_images is None else Subset(ds, range(min(max_images, len(ds))))
+        stages.append(stage_entry(split, evaluate(model, part, protocol, device, progress=False)))
+    return {"protocol": protocol.name, "classes": list(protocol.classes), "stages": stages}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Notebook 2: pseudo-labels and the evolution of the IAS thresholds
+
+
+def threshold_matrix(pseudo_dir: str | os.PathLike) -> np.ndarray:
+    """IAS thresholds after each instance, float64 ``[n_instances, C]``, from ``thresholds.parquet``."""
+    path = Path(pseudo_dir) / "thresholds.parquet"
+    if not path.exists():
+        raise InputError(f"{path}: no threshold history (only the IAS policy writes one)")
+    hist = pd.read_parquet(path)
+    return hist.pivot(index="instance", columns="class", values="threshold").sort_index().to_numpy(np.float64)
+
+
+def keep_fraction_table(history: pd.DataFrame, alpha: float, gamma: float, init: float = 0.9) -> pd.DataFrame:
+    """Per (instance, class) with predicted pixels: the threshold before the instance (``prev_threshold``),
+    the keep fraction IAS aims at, ``alpha * prev**gamma`` (``target_keep``), and the realised one,
+    ``selected_pixels / predicted_pixels`` (``kept``). `history` is ``IAS.history`` / ``thresholds.parquet``."""
+    h = history.sort_values(["class", "instance"]).copy()
+    h["prev_threshold"] = h.groupby("class")["threshold"].shift(1).fillna(init)
+    h = h[h["predicted_pixels"] > 0].copy()
+    h["target_keep"] = np.minimum(alpha * h["prev_threshold"] ** gamma, 1.0)
+    h["kept"] = h["selected_pixels"] / h["predicted_pixels"]
+    return h.sort_values(["instance", "class"]).reset_index(drop=True)
+
+
+def pseudo_label_table(pseudo_dir: str | os.PathLike) -> pd.DataFrame:
+    """Per-class table of a pseudo-label folder: ``summary_table`` (threshold, class value, predicted pixels,
+    kept fraction, precision, recall against the held-back labels) plus ``selected_px`` and ``gt_px``."""
+    folder = Path(pseudo_dir)
+    table = summary_table(folder)
+    stats = pd.read_parquet(folder / "stats.parquet")
+    per = stats.groupby("class").sum(numeric_only=True).reindex(range(len(table)), fill_value=0)
+    table.insert(3, "selected_px", per["selected_pixels"].to_numpy())
+    if "gt_pixels" in per:
+        table["gt_px"] = per["gt_pixels"].to_numpy()
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Notebook 4: ablations
+
+
+ABLATION_COLUMNS: tuple[str, ...] = ("variant", "seed", "stage", "miou")
+
+
+def load_ablation(path: str | os.PathLike) -> pd.DataFrame | None:
+    """The ablation CSV (long format: ``variant, seed, stage, miou`` plus one IoU column per class), or None
+    when the file does not exist yet. A file without the required columns is an `InputError`."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    df = pd.read_csv(path)
+    missing = [c for c in ABLATION_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}; expected {list(ABLATION_COLUMNS)} + class columns")
+    return df
+
+
+def ablation_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation and number of seeds of the mIoU per (variant, stage), in first-seen order."""
+    g = df.groupby(["variant", "stage"], sort=False)["miou"]
+    return pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "seeds": g.count()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Notebook 5: stages side by side
+
+
+def stage_checkpoints(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """The checkpoints of a demo run folder that exist, by stage name, in pipeline order: ``source_only``,
+    ``source_only_adabn``, ``warmup``, ``round_k`` (EMA teacher), ``round_k_student``, ``oracle``."""
+    run = Path(run_dir)
+    found = {"source_only": run / "source_only" / "model_final.pt",
+             "source_only_adabn": run / "source_only_adabn" / "model_final.pt",
+             "warmup": run / "warmup" / "model_final.pt"}  # fmt: skip
+    rounds = sorted((p for p in run.glob("round_*") if p.name[6:].isdigit()), key=lambda p: int(p.name[6:]))
+    for r in rounds:
+        found[r.name] = r / "train" / "teacher_final.pt"
+        found[f"{r.name}_student"] = r / "train" / "student_final.pt"
+    found["oracle"] = run / "oracle" / "model_final.pt"
+    return {k: v for k, v in found.items() if v.exists()}
+
+
+def stage_confusions(
+    checkpoints: Mapping[str, Path], dataset: Dataset, device: str, max_images: int | None = None
+) -> dict[str, np.ndarray]:
+    """Confusion matrix ``[C,C]`` (rows ground truth, columns prediction) of each checkpoint on `dataset`
+    (the first ``max_images`` items when given)."""
+    if max_images is not None:
+        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+    protocol = dataset.dataset.protocol if isinstance(dataset, Subset) else dataset.protocol
+    return {
+        name: evaluate(load_model(path, device), dataset, protocol, device, progress=False).matrix
+        for name, path in checkpoints.items()
+    }
+
+
+def checkpoint_report(
+    checkpoints: Mapping[str, os.PathLike | str], dataset: SegDataset, device: str, max_images: int | None = None
+) -> dict:
+    """Evaluate checkpoints on `dataset` (its first ``max_images`` items when given); a report-like dict
+    (``protocol``, ``classes``, one stage per checkpoint) for ``stage_iou_bars`` and ``report_table``."""
+    matrices = stage_confusions({k: Path(v) for k, v in checkpoints.items()}, dataset, device, max_images)
+    protocol = dataset.protocol
+    stages = [stage_entry(name, EvalResult(protocol, m, 0.0)) for name, m in matrices.items()]
+    return {"protocol": protocol.name, "classes": list(protocol.classes), "stages": stages}
+
+
+@torch.no_grad()
+def checkpoint_predictions(
+    checkpoints: Mapping[str, os.PathLike | str], dataset: Dataset, indices: Sequence[int], device: str
+) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """Items `indices` of `dataset` and each checkpoint's prediction on them: ``(images, labels, predictions)``
+    with images uint8 ``[H,W,3]``, labels int64 ``[H,W]`` and ``predictions[name]`` the argmax int64 ``[H,W]``
+    per item (one list entry per index, so items may differ in size)."""
+    items = [dataset[i] for i in indices]
+    predictions = {}
+    for name, path in checkpoints.items():
+        model = load_model(Path(path), device).eval()
+        predictions[name] = [
+            predict_probs(model, it["image"][None].to(device)).argmax(1)[0].cpu().numpy() for it in items
+        ]
+    images = [it["image"].permute(1, 2, 0).numpy() for it in items]
+    return images, [it["label"].numpy() for it in items], predictions
+
+
+def gap_table(report: dict) -> pd.DataFrame:
+    """Per stage: ``miou``, ``gain`` over source_only and, when the report has an oracle that beats
+    source_only, ``gap_closed``: the share of the source_only → oracle mIoU gap closed."""
+    miou = {s["name"]: s["miou"] for s in report["stages"]}
+    base, oracle = miou.get("source_only"), miou.get("oracle")
+    rows = []
+    for name, m in miou.items():
+        row = {"stage": name, "miou": m, "gain": None if base is None else m - base}
+        if base is not None and oracle is not None and oracle > base:
+            row["gap_closed"] = (m - base) / (oracle - base)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("stage")
+
+
+def student_teacher_table(report: dict) -> pd.DataFrame:
+    """mIoU of each round's EMA teacher (the stage) and its student (``report["students"]``)."""
+    students = {s["name"].removesuffix("_student"): s["miou"] for s in report.get("students", [])}
+    rows = [{"round": s["name"], "teacher": s["miou"], "student": students.get(s["name"])}
+            for s in report["stages"] if s["name"].startswith("round_")]  # fmt: skip
+    return pd.DataFrame(rows, columns=["round", "teacher", "student"]).set_index("round")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Notebook 6: dataset manifests
+
+
+def manifest_table() -> pd.DataFrame:
+    """One row per dataset split described in ``data_manifests/``: dataset, protocol, split, image pattern,
+    expected count and size."""
+    rows = []
+    for name in list_manifests():
+        m = load_manifest(name)
+        for split, spec in m.splits.items():
+            rows.append({"dataset": m.name, "protocol": m.protocol_name, "split": split, "image": spec.image,
+                         "label": spec.label, "count": spec.count, "size": spec.size})  # fmt: skip
+    return pd.DataFrame(rows)

@@ -1,0 +1,373 @@
+"""hias_nb.analysis (the computations behind the notebook figures) and the notebooks' computations that live with
+their component (``losses.loss_maps``, ``models.write_published_layout``), checked against hand-computed values,
+direct re-implementations and invariants (loss maps sum to the loss terms, CBST from histograms equals CBST, ...).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hias_nb import analysis, augment, losses
+from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
+from hias_nb.data import SegDataset
+from hias_nb.errors import InputError
+from hias_nb.evaluate import evaluate, predict_probs
+from hias_nb.io import read_json, read_label
+from hias_nb.models import DeepLabV2, load_checkpoint, write_published_layout
+from hias_nb.selectors import CBST, IAS, cbst_from_histograms, confidence_histograms, replay_ias
+from hias_nb.train import load_model
+
+C = 19
+
+
+def _random_stream(seed: int, n: int = 6, h: int = 8, w: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    conf = 0.3 + 0.7 * torch.rand(n, h, w, generator=g)
+    pred = torch.randint(0, 5, (n, h, w), generator=g)
+    pred[:, 0, 0] = 4  # class 4 appears; classes 5.. never do
+    return conf.float(), pred
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Label overlays
+
+
+def test_overlay_hand_computed():
+    image = np.full((1, 3, 3), 100, dtype=np.uint8)
+    image[0, 1] = 101
+    label = np.array([[0, 0, IGNORE]])
+    out = analysis.overlay(image, label, alpha=0.25)
+    # road is (128, 64, 128): round(0.75 * 100 + 0.25 * 128) = 107, round(0.75 * 100 + 0.25 * 64) = 91
+    assert out[0, 0].tolist() == [107, 91, 107]
+    assert out[0, 1].tolist() == [108, 92, 108]  # 107.75 -> 108, 91.75 -> 92
+    assert out[0, 2].tolist() == [100, 100, 100]  # ignored: the image, unblended
+    assert out.dtype == np.uint8
+
+
+def test_selection_map_colours():
+    pseudo = np.array([[1, 2, IGNORE, 3]])
+    gt = np.array([[1, 1, 4, IGNORE]])
+    out = analysis.selection_map(pseudo, gt)
+    assert out[0, 0].tolist() == [40, 170, 60]  # correct
+    assert out[0, 1].tolist() == [220, 40, 40]  # wrong
+    assert out[0, 2].tolist() == [150, 150, 150]  # ignored
+    assert out[0, 3].tolist() == [0, 0, 0]  # no ground truth
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Notebook 1
+
+
+def test_calibration_table_hand_computed():
+    conf = np.array([0.05, 0.15, 0.55, 0.95, 1.0, 0.5])
+    pred = np.array([1, 1, 2, 2, 2, 0])
+    gt = np.array([1, 0, 2, 2, 1, IGNORE])  # the last pixel has no label: left out
+    t = analysis.calibration_table(conf, pred, gt, bins=2)
+    assert t["pixels"].tolist() == [2, 3]
+    np.testing.assert_allclose(t["mean_conf"], [0.1, (0.55 + 0.95 + 1.0) / 3])
+    np.testing.assert_allclose(t["accuracy"], [0.5, 2 / 3])
+    ece = (2 * abs(0.5 - 0.1) + 3 * abs(2 / 3 - 2.5 / 3)) / 5
+    assert analysis.expected_calibration_error(t) == pytest.approx(ece)
+    per = analysis.class_calibration(conf, pred, gt, ["a", "b", "c", "d"])
+    assert per.loc["b", "pixels"] == 2 and per.loc["b", "accuracy"] == pytest.approx(0.5)
+    assert per.loc["c", "accuracy"] == pytest.approx(2 / 3)
+    assert per.loc["a", "pixels"] == 0 and np.isnan(per.loc["d", "mean_conf"])
+
+
+def test_class_frequencies_count_labelled_pixels(tiny_toytown):
+    freq = analysis.class_frequencies(tiny_toytown, ("source_train", "target_val"), max_images=3)
+    assert list(freq.index) == list(CITYSCAPES_CLASSES)
+    np.testing.assert_allclose(freq.sum(), 1.0)
+    names = sorted(p.name for p in (tiny_toytown / "target" / "val" / "labels").glob("*.png"))[:3]
+    labels = np.concatenate([read_label(tiny_toytown / "target" / "val" / "labels" / n).ravel() for n in names])
+    labels = labels[labels != IGNORE]
+    expected = np.array([(labels == c).sum() for c in range(C)]) / labels.size
+    np.testing.assert_allclose(freq["target_val"].to_numpy(), expected)
+
+
+def test_read_log(tmp_path):
+    with pytest.raises(InputError, match="log.csv"):
+        analysis.read_log(tmp_path / "log.csv")
+    log = pd.DataFrame({"iteration": [1, 2], "loss": [3.0, 2.0]})
+    log.to_csv(tmp_path / "log.csv", index=False)
+    pd.testing.assert_frame_equal(analysis.read_log(tmp_path / "log.csv"), log)
+
+
+def test_collect_predictions_are_the_models_argmax(tiny_toytown, model_ckpt):
+    model = load_model(model_ckpt, "cpu")
+    ds = SegDataset("toytown", tiny_toytown, "target_val")
+    out = analysis.collect_predictions(model, ds, "cpu", max_images=3, batch_size=2)  # two batches: 2 + 1
+    images = torch.stack([ds[i]["image"] for i in range(3)])
+    probs = predict_probs(model.eval(), images)
+    assert out["conf"].shape == out["pred"].shape == out["gt"].shape == (3, *images.shape[-2:])
+    np.testing.assert_array_equal(out["pred"], probs.argmax(1).numpy())
+    np.testing.assert_allclose(out["conf"], probs.max(1).values.numpy(), rtol=1e-5)  # batches of 2 + 1 vs 3
+    np.testing.assert_array_equal(out["gt"], torch.stack([ds[i]["label"] for i in range(3)]).numpy())
+    np.testing.assert_array_equal(out["image"], images.permute(0, 2, 3, 1).numpy())
+
+
+def test_split_iou_report(tiny_toytown, model_ckpt):
+    model = load_model(model_ckpt, "cpu")
+    report = analysis.split_iou_report(model, tiny_toytown, ["source_val", "target_val"], "cpu")
+    assert [s["name"] for s in report["stages"]] == ["source_val", "target_val"]
+    assert report["classes"] == list(CITYSCAPES_CLASSES)
+    one = analysis.split_iou_report(model, tiny_toytown, ["target_val"], "cpu", max_images=1)
+    ds = SegDataset("toytown", tiny_toytown, "target_val")
+    direct = evaluate(model, torch.utils.data.Subset(ds, [0]), ds.protocol, "cpu", progress=False)
+    assert one["stages"][0]["miou"] == pytest.approx(direct.miou, abs=0.006)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Notebook 2
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
+def test_cbst_from_histograms_equals_cbst(p):
+    conf, pred = _random_stream(1)
+    rows = pd.DataFrame(confidence_histograms(conf, pred))
+    cbst = CBST(C, p=p)
+    cbst.observe(conf[:3], pred[:3])
+    cbst.observe(conf[3:], pred[3:])
+    got = cbst_from_histograms(rows, C, p)
+    np.testing.assert_array_equal(got, cbst.thresholds.numpy())
+    assert (got[5:] == 1.0).all()  # never predicted
+
+
+def test_threshold_matrix_is_the_ias_history(pseudo_dir, tmp_path):
+    m = analysis.threshold_matrix(pseudo_dir)
+    cfg = read_json(pseudo_dir / "summary.json")["config"]
+    replay, _ = replay_ias(pd.read_parquet(pseudo_dir / "histograms.parquet"), C, cfg["alpha"], cfg["beta"],
+                           cfg["gamma"], batch_size=cfg["batch_size"])  # fmt: skip
+    np.testing.assert_array_equal(m, replay)
+    with pytest.raises(InputError, match="threshold"):
+        analysis.threshold_matrix(tmp_path)
+
+
+def test_keep_fraction_table_hand_computed():
+    ias = IAS(3, alpha=0.5, gamma=2.0, init=0.8)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ias.select(torch.rand(1, 4, 5, generator=g), torch.randint(0, 2, (1, 4, 5), generator=g))
+    hist = ias.history
+    t = analysis.keep_fraction_table(hist, alpha=0.5, gamma=2.0, init=0.8)
+    assert (t["class"] != 2).all()  # class 2 never predicted: no row
+    th = hist.pivot(index="instance", columns="class", values="threshold").to_numpy()
+    row = t[(t["instance"] == 1) & (t["class"] == 0)].iloc[0]
+    assert row["prev_threshold"] == th[0, 0] and row["target_keep"] == pytest.approx(0.5 * th[0, 0] ** 2)
+    first = t[(t["instance"] == 0) & (t["class"] == 1)].iloc[0]
+    assert first["prev_threshold"] == 0.8
+    h0 = hist[(hist["instance"] == 0) & (hist["class"] == 1)].iloc[0]
+    assert first["kept"] == h0["selected_pixels"] / h0["predicted_pixels"]
+
+
+def test_pseudo_label_table(pseudo_dir):
+    table = analysis.pseudo_label_table(pseudo_dir)
+    stats = pd.read_parquet(pseudo_dir / "stats.parquet")
+    c = int(stats.groupby("class")["selected_pixels"].sum().idxmax())
+    sel = stats[stats["class"] == c]
+    assert len(table) == C
+    assert table["selected_px"].iloc[c] == sel["selected_pixels"].sum()
+    assert table["gt_px"].iloc[c] == sel["gt_pixels"].sum()
+    assert table["precision"].iloc[c] == pytest.approx(sel["correct_selected"].sum() / sel["selected_pixels"].sum())
+    assert table["recall"].iloc[c] == pytest.approx(sel["correct_selected"].sum() / sel["gt_pixels"].sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Notebook 4: ablations
+
+
+def _ablation_frame() -> pd.DataFrame:
+    """Two variants x three seeds x two stages; mIoU = base + stage gain + seed (hand-checkable means)."""
+    rows = []
+    for variant, base in (("hiast", 50.0), ("no_hpla", 46.0)):
+        for seed in (0, 1, 2):
+            for stage, gain in (("round_1", 0.0), ("round_2", 2.0)):
+                rows.append({"variant": variant, "seed": seed, "stage": stage, "miou": base + gain + seed,
+                             **{c: 10.0 for c in CITYSCAPES_CLASSES}})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_ablation_loader_and_summary(tmp_path):
+    assert analysis.load_ablation(tmp_path / "absent.csv") is None
+    df = _ablation_frame()
+    df.to_csv(tmp_path / "a.csv", index=False)
+    pd.testing.assert_frame_equal(analysis.load_ablation(tmp_path / "a.csv"), df)
+    summary = analysis.ablation_summary(df)
+    assert list(summary.index) == [("hiast", "round_1"), ("hiast", "round_2"), ("no_hpla", "round_1"),
+                                   ("no_hpla", "round_2")]  # fmt: skip
+    assert summary.loc[("hiast", "round_2"), "mean"] == pytest.approx(53.0)  # 52 + mean(0, 1, 2)
+    assert summary.loc[("no_hpla", "round_1"), "std"] == pytest.approx(1.0)  # sample std of (0, 1, 2)
+    assert summary.loc[("hiast", "round_1"), "seeds"] == 3
+    df.drop(columns=["seed"]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(InputError, match="seed"):
+        analysis.load_ablation(tmp_path / "bad.csv")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Notebook 5
+
+
+def _report(with_oracle: bool) -> dict:
+    stages = [{"name": "source_only", "miou": 40.0}, {"name": "source_only_adabn", "miou": 44.0},
+              {"name": "round_1", "miou": 50.0}]  # fmt: skip
+    if with_oracle:
+        stages.append({"name": "oracle", "miou": 60.0})
+    return {"stages": stages, "students": [{"name": "round_1_student", "miou": 48.0}]}
+
+
+def test_gap_and_student_teacher_tables():
+    t = analysis.gap_table(_report(True))
+    assert t.loc["round_1", "gain"] == 10.0 and t.loc["round_1", "gap_closed"] == pytest.approx(0.5)
+    assert t.loc["source_only_adabn", "gap_closed"] == pytest.approx(0.2)  # (44 - 40) / (60 - 40)
+    assert t.loc["oracle", "gap_closed"] == pytest.approx(1.0)
+    assert "gap_closed" not in analysis.gap_table(_report(False))
+    st = analysis.student_teacher_table(_report(False))
+    assert st.loc["round_1"].tolist() == [50.0, 48.0]
+
+
+def test_stage_checkpoints_order(tmp_path):
+    for rel in ("source_only/model_final.pt", "round_2/train/teacher_final.pt", "round_10/train/teacher_final.pt",
+                "round_2/train/student_final.pt", "oracle/model_final.pt"):  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    got = analysis.stage_checkpoints(tmp_path)
+    assert list(got) == ["source_only", "round_2", "round_2_student", "round_10", "oracle"]
+    assert got["round_2_student"] == tmp_path / "round_2" / "train" / "student_final.pt"
+
+
+def test_stage_confusions_and_checkpoint_report(tiny_toytown, model_ckpt):
+    from hias_nb.metrics import iou_per_class
+
+    ds = SegDataset("toytown", tiny_toytown, "target_val")
+    mats = analysis.stage_confusions({"a": model_ckpt}, ds, "cpu", max_images=2)
+    labels = torch.stack([ds[i]["label"] for i in range(2)])
+    pred = predict_probs(load_model(model_ckpt, "cpu").eval(), torch.stack([ds[i]["image"] for i in range(2)]))
+    pred = pred.argmax(1)
+    valid = labels != IGNORE
+    expected = np.zeros((C, C), dtype=np.int64)
+    np.add.at(expected, (labels[valid].numpy(), pred[valid].numpy()), 1)  # rows ground truth, columns prediction
+    np.testing.assert_array_equal(mats["a"], expected)
+    report = analysis.checkpoint_report({"a": model_ckpt, "b": model_ckpt}, ds, "cpu", max_images=2)
+    assert [s["name"] for s in report["stages"]] == ["a", "b"]
+    ious = iou_per_class(expected)
+    got = [report["stages"][0]["per_class"][c] for c in CITYSCAPES_CLASSES]
+    assert [g is None for g in got] == [e is None for e in ious]
+    assert [g for g in got if g is not None] == pytest.approx([e for e in ious if e is not None], abs=0.006)
+
+
+def test_checkpoint_predictions(tiny_toytown, model_ckpt):
+    ds = SegDataset("toytown", tiny_toytown, "target_val")
+    images, labels, preds = analysis.checkpoint_predictions({"a": model_ckpt}, ds, [3, 1], "cpu")
+    model = load_model(model_ckpt, "cpu").eval()
+    for k, i in enumerate((3, 1)):
+        np.testing.assert_array_equal(images[k], ds[i]["image"].permute(1, 2, 0).numpy())
+        np.testing.assert_array_equal(labels[k], ds[i]["label"].numpy())
+        np.testing.assert_array_equal(preds["a"][k], predict_probs(model, ds[i]["image"][None]).argmax(1)[0].numpy())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Notebook 6
+
+
+def test_manifest_table_lists_toytown():
+    t = analysis.manifest_table()
+    row = t[(t["dataset"] == "toytown") & (t["split"] == "target_val")].iloc[0]
+    assert row["count"] == 300 and row["protocol"] == "cityscapes19"
+    assert {"gta5", "cityscapes", "synthia"} <= set(t["dataset"])
+
+
+def test_published_layout_loads_back(model_ckpt, tmp_path):
+    out = write_published_layout(model_ckpt, tmp_path / "hiast.pth")
+    raw = torch.load(out, weights_only=True)
+    assert all(k.startswith(("seg_model.", "D.")) for k in raw)
+    model = DeepLabV2("resnet10t", num_classes=C, aspp_rates=(1, 2))
+    report = load_checkpoint(model, out, strict=True)
+    assert not report.missing and not report.unexpected
+    assert {"representation.0.weight", "D.conv1.weight"} <= set(report.ignored)
+    want = torch.load(model_ckpt, weights_only=True)["state_dict"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, want[k])
+    with pytest.raises(InputError):
+        write_published_layout(out, tmp_path / "again.pth")  # not a hias_nb checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Notebook 4: loss maps (hias_nb.losses.loss_maps)
+
+
+def _student_teacher(num_classes: int = 5) -> tuple[DeepLabV2, DeepLabV2]:
+    torch.manual_seed(0)
+    return (DeepLabV2("resnet10t", num_classes=num_classes, aspp_rates=(1, 2)),
+            DeepLabV2("resnet10t", num_classes=num_classes, aspp_rates=(1, 2)))  # fmt: skip
+
+
+def _batch(n: int, h: int, w: int, num_classes: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, num_classes, (n, h, w), generator=g)
+    labels[torch.rand(n, h, w, generator=g) < 0.4] = IGNORE
+    return images, labels
+
+
+@pytest.mark.parametrize("normalisation", ["reference", "pixel"])
+def test_loss_maps_sum_to_the_loss_terms_on_the_training_views(normalisation):
+    student, teacher = _student_teacher()
+    images, labels = _batch(2, 24, 32)
+    maps = losses.loss_maps(student, teacher, images, labels, generator=torch.Generator().manual_seed(5),
+                            normalisation=normalisation)  # fmt: skip
+    # the views are those of make_views with the toytown crop defaults, drawn from the same generator state
+    views = augment.make_views(images, labels, generator=torch.Generator().manual_seed(5), crop_scale=(0.6, 1.0),
+                               crop_ratio=2.0)  # fmt: skip
+    np.testing.assert_array_equal(maps["weak"], views.weak.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(maps["strong"], views.strong.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(maps["label"], views.label.numpy())
+    assert maps["strong_ops"] == views.strong_ops
+    # hand-check: the scalar terms of hias_nb.losses, the teacher on the weak view and the student on the strong
+    with torch.no_grad():
+        logits = student.eval()(augment.normalize(views.strong)).float()
+        q = teacher.eval()(augment.normalize(views.weak)).float().softmax(1)
+    kld, ent = losses.region_regularization(logits, views.label, normalisation=normalisation)
+    expected = {"ce": losses.target_cross_entropy(logits, views.label), "kld": kld, "entropy": ent,
+                "consistency": losses.consistency(logits, q, views.label, normalisation=normalisation)}  # fmt: skip
+    for term in losses.LOSS_TERMS:
+        assert maps[term].shape == (2, 24, 32)
+        assert maps[term].sum() == pytest.approx(float(expected[term]), rel=1e-4), term
+        assert maps["scalars"][term] == pytest.approx(float(expected[term]), rel=1e-6), term
+    confident = views.label.numpy() != IGNORE
+    assert (maps["kld"][~confident] == 0).all() and (maps["entropy"][confident] == 0).all()
+    assert (maps["ce"][~confident] == 0).all() and (maps["consistency"][confident] == 0).all()
+    # one pixel by the formula: CE = -log p[label] / N_c
+    b, i, j = map(int, np.argwhere(confident)[0])
+    log_p = torch.log_softmax(logits[b, :, i, j].double(), 0)[int(views.label[b, i, j])]
+    assert maps["ce"][b, i, j] == pytest.approx(-float(log_p) / confident.sum(), rel=1e-4)
+
+
+def test_total_loss_map_weights_the_terms():
+    rng = np.random.default_rng(0)
+    maps = {t: rng.random((2, 3, 4)) for t in losses.LOSS_TERMS}
+    weights = {"ce": 1.0, "kld": 0.1, "entropy": 1.0, "consistency": 0.5}
+    total = losses.total_loss_map(maps, weights)
+    np.testing.assert_allclose(total, maps["ce"] + 0.1 * maps["kld"] + maps["entropy"] + 0.5 * maps["consistency"])
+    np.testing.assert_allclose(losses.total_loss_map(maps, {"kld": 2.0}), 2.0 * maps["kld"])  # others count 0
+    with pytest.raises(InputError, match="bogus"):
+        losses.total_loss_map(maps, {"bogus": 1.0})
+
+
+def test_loss_maps_blur_comes_from_the_range_scaled_to_the_crop():
+    student, teacher = _student_teacher()
+    images, labels = _batch(12, 64, 128)
+    maps = losses.loss_maps(student, teacher, images, labels, generator=torch.Generator().manual_seed(1))
+    ksizes = [params["ksize"] for ops in maps["strong_ops"] for name, params in ops if name == "gaussian_blur"]
+    assert ksizes, "no blur fired with this seed: pick another"
+    assert augment.scaled_blur_limit((64, 128)) == (3, 5)  # not the paper's 3..41 px
+    assert all(k in (3, 5) for k in ksizes)
+    assert maps["weak"].shape == maps["strong"].shape == (12, 64, 128, 3)
+    # without the strong view the student sees the weak view; the default generator is seeded (repeatable)
+    plain = losses.loss_maps(student, teacher, images, labels, strong=False)
+    np.testing.assert_array_equal(plain["strong"], plain["weak"])
+    assert plain["strong_ops"] == [[] for _ in range(12)]
+    again = losses.loss_maps(student, teacher, images, labels, strong=False)
+    np.testing.assert_array_equal(again["ce"], plain["ce"])
