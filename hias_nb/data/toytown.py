@@ -765,6 +765,43 @@ def _matches(manifest: dict, seed: int, size: tuple[int, int], images: int) -> b
     )
 
 
+def _existing(out: Path, seed: int, size: tuple[int, int], images: int) -> dict | None:
+    """The manifest of a matching toytown already in `out`; None for an absent or empty `out`; any other
+    content is an `InputError` (user data is never overwritten)."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if not any(out.iterdir()):
+        return None
+    manifest = read_manifest(out)
+    if manifest is not None and _matches(manifest, seed, size, images):
+        return manifest
+    raise InputError(
+        f"{out}: folder is not empty and does not hold toytown with seed={seed}, size={list(size)}, "
+        f"images={images}; choose another folder or empty it"
+    )
+
+
+def _render_all(jobs: list[tuple], workers: int | None, progress: bool) -> dict[str, np.ndarray]:
+    """Render every job (on `workers` processes, default up to 2) with a progress bar; per split, the class
+    pixel counts ``[NUM_CLASSES]``."""
+    pixels = {split: np.zeros(NUM_CLASSES, dtype=np.int64) for split in SPLITS}
+    workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    with tqdm(total=len(jobs), desc="toytown", unit="img", disable=not progress) as bar:
+        if workers == 1:
+            results = map(_render_one, jobs)
+            for split, hist in results:
+                pixels[split] += hist
+                bar.update()
+        else:
+            with multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
+                for split, hist in pool.imap_unordered(_render_one, jobs, chunksize=32):
+                    pixels[split] += hist
+                    bar.update()
+    return pixels
+
+
 def generate_toytown(
     out: str | os.PathLike,
     images: int = 1000,
@@ -785,17 +822,9 @@ def generate_toytown(
         raise InputError(f"images: expected a positive number of images, got {images}")
     if len(size) != 2 or min(size) < 16:
         raise InputError(f"size: expected (H, W) of at least 16x16, got {size}")
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"{out}: exists and is not a folder")
-        if any(out.iterdir()):
-            manifest = read_manifest(out)
-            if manifest is not None and _matches(manifest, seed, size, images):
-                return manifest
-            raise InputError(
-                f"{out}: folder is not empty and does not hold toytown with seed={seed}, size={list(size)}, "
-                f"images={images}; choose another folder or empty it"
-            )
+    existing = _existing(out, seed, size, images)
+    if existing is not None:
+        return existing
     counts = split_counts(images)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -807,20 +836,7 @@ def generate_toytown(
                 (_split_dir(tmp, split) / kind).mkdir(parents=True)
         jobs = [(str(tmp), int(seed), i, k, (int(size[0]), int(size[1])))
                 for i, split in enumerate(SPLITS) for k in range(counts[split])]  # fmt: skip
-        pixels = {split: np.zeros(NUM_CLASSES, dtype=np.int64) for split in SPLITS}
-        workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
-        bar = tqdm(total=len(jobs), desc="toytown", unit="img", disable=not progress)
-        if workers == 1:
-            results = map(_render_one, jobs)
-            for split, hist in results:
-                pixels[split] += hist
-                bar.update()
-        else:
-            with multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
-                for split, hist in pool.imap_unordered(_render_one, jobs, chunksize=32):
-                    pixels[split] += hist
-                    bar.update()
-        bar.close()
+        pixels = _render_all(jobs, workers, progress)
         manifest = {
             "dataset": "toytown",
             "version": VERSION,
