@@ -5,36 +5,40 @@ the demo's self-training rounds from them with one setting changed:
 
 - ``full``: the method as ``hias-nb demo`` runs it (warm-up, IAS, HPLA, region regularisation, consistency);
 - ``no_warmup``: round 1 starts from the BN-recalibrated source model instead of the warm-up;
-- ``cbst`` / ``constant`` / ``none``: another pseudo-label selector (SPEC.md 2.3);
+- ``cbst`` / ``constant`` / ``none``: another pseudo-label selector (docs/method.md §2.3);
 - ``no_hpla``, ``no_rar`` (λc = λi = 0), ``no_consistency`` (λcst = 0): one component removed;
 - ``no_strong``: the student sees the weak view instead of the CCA strong view;
 - ``control``: no adaptation — the source model trained on source data for as many extra iterations as the
   warm-up and all rounds take together (and ``control_adabn``: the same with target BatchNorm statistics), so
-  that a gain of self-training is not confused with a gain of more training (TOYTOWN-NOTES).
+  that a gain of self-training is not confused with a gain of more training (docs/toytown.md).
 
-Results go to a long CSV, one row per (variant, seed, stage): ``variant, seed, stage, miou`` and one IoU column
-per class; the notebooks read it.
+Settings: the demo's (`hias_nb.demo.DemoConfig`): ``--config FILE`` and ``--key value`` overrides apply to every
+variant and the control; ``OUT/config.yaml`` records them. Results go to a long CSV, one row per (variant, seed,
+stage): ``variant, seed, stage, miou`` and one IoU column per class; the notebooks read it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
 
+from hias_nb.config import write_config
 from hias_nb.data import SegDataset
-from hias_nb.demo import adabn_checkpoint, demo_config, evaluate_stage, run_demo
+from hias_nb.demo import DemoConfig, adabn_checkpoint, demo_config, evaluate_stage, resolved_config, run_demo
 from hias_nb.io import atomic_path
 from hias_nb.runs import resolve_device
-from hias_nb.train import TrainConfig, load_model, train_source
+from hias_nb.train import load_model, train_source
 
 __all__ = ["VARIANTS", "run_ablation", "ablation_table"]
 
-# Each variant is the demo with these DemoConfig fields changed.
-VARIANTS: dict[str, dict] = {
+# Each variant is the demo with these settings changed (keys as on the demo's command line).
+VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
     "cbst": {"policy": "cbst"},
     "constant": {"policy": "constant"},
@@ -43,7 +47,7 @@ VARIANTS: dict[str, dict] = {
     "no_rar": {"lambda_kld": 0.0, "lambda_ent": 0.0},
     "no_consistency": {"lambda_cst": 0.0},
     "no_strong": {"strong": False},
-    "no_warmup": {"warmup_iterations": 0},
+    "no_warmup": {"warmup.iterations": 0},
 }
 
 
@@ -72,17 +76,18 @@ def _share_source(src: Path, dst: Path) -> None:
             tmp.rename(dst / stage)
 
 
-def _control(seed_dir: Path, cfg, device: str) -> list[dict]:
-    """Equal-compute control: continue source training for the warm-up's and the rounds' iterations, then
-    evaluate."""
+def _control(seed_dir: Path, cfg: DemoConfig, device: str) -> list[dict]:
+    """Equal-compute control: continue source training (the demo's source settings, no lr warm-up) for the
+    warm-up's and the rounds' iterations, then evaluate."""
     out = seed_dir / "control"
-    extra = cfg.warmup_iterations + cfg.rounds * cfg.round_iterations
     ckpt = train_source(
-        TrainConfig(
+        dataclasses.replace(
+            cfg.source,
             out=str(out / "train"),
+            dataset="toytown",
             data_root=cfg.data_root,
-            iterations=extra,
-            batch_size=cfg.batch_size,
+            split="source_train",
+            iterations=cfg.warmup.iterations + cfg.rounds * cfg.round.iterations,
             seed=cfg.seed + 100,
             device=device,
             warmup=0,
@@ -91,7 +96,7 @@ def _control(seed_dir: Path, cfg, device: str) -> list[dict]:
     )
     val = SegDataset("toytown", cfg.data_root, "target_val")
     entries = [evaluate_stage(out / "eval.json", "control", load_model(ckpt, device), val, device)]
-    adabn = adabn_checkpoint(ckpt, out / "adabn.pt", cfg.data_root, cfg.batch_size, device, cfg.adabn_images)
+    adabn = adabn_checkpoint(ckpt, out / "adabn.pt", cfg.data_root, cfg.adabn_batch_size, device, cfg.adabn_images)
     entries.append(evaluate_stage(out / "eval_adabn.json", "control_adabn", load_model(adabn, device), val, device))
     return entries
 
@@ -102,45 +107,53 @@ def run_ablation(
     variants: tuple[str, ...] = tuple(VARIANTS),
     csv: str | Path | None = None,
     quick: bool = False,
-    device: str = "auto",
-    data_root: str = "data/toytown",
+    device: str | None = None,
+    data_root: str | None = None,
     control: bool = True,
-    **overrides,
+    config: str | Path | None = None,
+    **overrides: Any,
 ) -> pd.DataFrame:
     """Run every variant for every seed (finished parts are reused) and write the long CSV; returns it.
 
-    `overrides` replace `DemoConfig` fields in every variant and the control (e.g. shorter runs in tests)."""
+    `config` (a demo YAML file) and `overrides` (keys as on the demo's command line; `device` and `data_root`
+    too, where given) apply to every variant and the control (e.g. shorter runs in tests)."""
     out = Path(out)
-    device = resolve_device(device)
+    given = {k: v for k, v in (("device", device), ("data_root", data_root)) if v is not None}
+    base = demo_config(quick, config, {**overrides, **given})  # checks every key once, before anything runs
+    overrides = {**overrides, **given, "device": resolve_device(base.device)}
+    out.mkdir(parents=True, exist_ok=True)
+    demo = {k: v for k, v in resolved_config(base).items() if k not in ("out", "seed")}  # per variant and seed
+    ablation = {"seeds": list(seeds), "variants": {v: VARIANTS[v] for v in variants}, "control": control}
+    write_config(out / "config.yaml", {**ablation, "quick": quick, "demo": demo})
     rows: list[dict] = []
     for seed in seeds:
         seed_dir = out / f"seed_{seed}"
         for name in variants:
             print(f"[ablation] seed {seed}, variant {name}")
-            vdir = seed_dir / name
-            if name != "full":
-                if not (seed_dir / "full" / "round_1").exists():
-                    run_demo(quick, str(seed_dir / "full"), device, data_root, seed, **overrides)
-                vdir.mkdir(parents=True, exist_ok=True)
-                _share_source(seed_dir / "full", vdir)
-            report = run_demo(
-                quick=quick,
-                out=str(vdir),
-                device=device,
-                data_root=data_root,
-                seed=seed,
-                **{**overrides, **({"oracle": False} if name != "full" else {}), **VARIANTS[name]},
-            )
+            report = _variant(name, seed_dir, quick, config, {**overrides, "seed": seed})
             rows += [_row(name, seed, s) for s in report["stages"]]
         if control:
-            cfg = demo_config(quick, seed=seed, data_root=data_root, **overrides)
-            rows += [_row("control", seed, s) for s in _control(seed_dir, cfg, device)]
+            cfg = demo_config(quick, config, {**overrides, "seed": seed})
+            rows += [_row("control", seed, s) for s in _control(seed_dir, cfg, overrides["device"])]
     df = pd.DataFrame(rows)
     csv = Path(csv) if csv else out / "ablation.csv"
     with atomic_path(csv) as tmp:
         df.to_csv(tmp, index=False, float_format="%.2f")
     print(ablation_table(df).round(1).to_string())
     return df
+
+
+def _variant(name: str, seed_dir: Path, quick: bool, config: str | Path | None, overrides: dict) -> dict:
+    """One variant's demo in ``seed_dir/name``; every variant but ``full`` starts from the full run's shared
+    source-only and warm-up stages (the full run is made first where missing) and trains no oracle."""
+    full = seed_dir / "full"
+    if name != "full":
+        if not (full / "round_1").exists():
+            run_demo(quick, config, **{**overrides, "out": str(full)})
+        (seed_dir / name).mkdir(parents=True, exist_ok=True)
+        _share_source(full, seed_dir / name)
+        overrides = {**overrides, "oracle": False}
+    return run_demo(quick, config, **{**overrides, "out": str(seed_dir / name), **VARIANTS[name]})
 
 
 def _row(variant: str, seed: int, stage: dict) -> dict:

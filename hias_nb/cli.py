@@ -1,7 +1,9 @@
 """The ``hias-nb`` command line (also ``python -m hias_nb``, so ``torchrun -m hias_nb`` works).
 
 Exit status: 0 on success, 2 on bad input with one line on stderr that names the file or the field.
-Stage commands take ``--config FILE.yaml`` plus any number of ``--key value`` overrides of that stage's config.
+Stage commands, ``demo`` and ``ablation`` take ``--config FILE.yaml`` plus any number of ``--key value`` overrides
+of that command's config (``demo``/``ablation``: ``--alpha 0.2`` sets a key only one stage has, ``--round.lr 1e-4``
+one several stages have).
 """
 
 from __future__ import annotations
@@ -22,17 +24,44 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(f"{self.prog}: {message}")
 
 
+def _config_parser(sub, name: str, help_text: str, keys: str, config_help: str) -> argparse.ArgumentParser:
+    """A command configured by ``--config FILE`` and ``--key value`` overrides; `keys` lists them in --help."""
+    p = sub.add_parser(
+        name, help=help_text, description=f"{help_text}\n\n{keys}", formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", help=config_help)
+    return p
+
+
 def _stage_parser(sub, name: str, help_text: str, config_cls) -> None:
     import dataclasses
 
     fields = ", ".join(f.name for f in dataclasses.fields(config_cls))
-    p = sub.add_parser(
-        name,
-        help=help_text,
-        description=f"{help_text}\n\nConfig keys (--key value): {fields}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    _config_parser(
+        sub, name, help_text, f"Config keys (--key value): {fields}", "YAML config file; --key value overrides follow"
     )
-    p.add_argument("--config", help="YAML config file; --key value overrides follow")
+
+
+def _demo_keys() -> str:
+    """The demo's config keys, for ``demo --help`` and ``ablation --help``."""
+    import dataclasses
+
+    from hias_nb.demo import PER_STAGE, SECTIONS, DemoConfig
+
+    cfg = DemoConfig()
+    own = [f.name for f in dataclasses.fields(cfg) if f.name not in SECTIONS]
+    lines = [f"Demo keys (--key value): {', '.join(own)}"]
+    for s in SECTIONS:
+        keys = [f.name for f in dataclasses.fields(getattr(cfg, s)) if f.name not in PER_STAGE]
+        lines.append(f"{s} keys (--{s}.key value, or --key where no other stage has it): {', '.join(keys)}")
+    return "\n".join(lines)
+
+
+def _demo_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    config_help = "YAML demo config (e.g. a demo run's config.yaml); --key value overrides follow"
+    p = _config_parser(sub, name, help_text, _demo_keys(), config_help)
+    p.add_argument("--quick", action="store_true", help="the small version (hias_nb.demo.QUICK; tests, smoke runs)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,28 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hias-nb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="the whole method on the embedded toytown benchmark")
-    demo.add_argument("--quick", action="store_true", help="the small version (tests, notebook smoke runs)")
-    demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo_quick)")
-    demo.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    demo.add_argument("--data-root", default="data/toytown", help="where toytown is (generated if absent)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--rounds", type=int, default=None, help="self-training rounds K (default 1; 1 with --quick)")
-
-    abl = sub.add_parser("ablation", help="the toytown ablation: selectors, components, equal-compute control")
+    _demo_parser(
+        sub, "demo", "the whole method on the embedded toytown benchmark (e.g. --quick, --out DIR, --rounds 2)"
+    )
+    abl = _demo_parser(sub, "ablation", "the toytown ablation: selectors, components, equal-compute control")
     abl.add_argument("--out", default="runs/ablation")
     abl.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     abl.add_argument(
         "--variants",
         nargs="+",
         default=None,
-        help="subset of: full cbst constant none no_hpla no_rar no_consistency no_warmup",
+        help="subset of: full cbst constant none no_hpla no_rar no_consistency no_strong no_warmup",
     )
     abl.add_argument("--no-control", action="store_true", help="skip the equal-compute control")
     abl.add_argument("--csv", default=None, help="where the long CSV goes (default OUT/ablation.csv)")
-    abl.add_argument("--quick", action="store_true")
-    abl.add_argument("--device", default="auto")
-    abl.add_argument("--data-root", default="data/toytown")
 
     data = sub.add_parser("data", help="generate or check datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -208,46 +229,41 @@ def _cmd_stage(name: str, config: str | None, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_demo(args, rest: list[str]) -> int:
+    from hias_nb.config import parse_overrides
+
+    overrides = parse_overrides(rest)
+    if args.command == "demo":
+        from hias_nb.demo import run_demo
+
+        run_demo(args.quick, args.config, **overrides)
+        return 0
+    from hias_nb.ablation import VARIANTS, run_ablation
+
+    unknown = [v for v in args.variants or () if v not in VARIANTS]
+    if unknown:
+        raise InputError(f"--variants: unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+    variants = tuple(args.variants or VARIANTS)
+    control = not args.no_control
+    run_ablation(
+        args.out, tuple(args.seeds), variants, args.csv, args.quick, control=control, config=args.config, **overrides
+    )
+    return 0
+
+
 def _run(argv: list[str]) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command in ("train-source", "warmup", "pseudo-label", "self-train"):
         return _cmd_stage(args.command, args.config, rest)
+    if args.command in ("demo", "ablation"):
+        return _cmd_demo(args, rest)
     if rest:
         raise InputError(f"hias-nb {args.command}: unrecognised arguments: {' '.join(rest)}")
     if args.command == "data":
         return _cmd_data(args)
     if args.command == "evaluate":
         return _cmd_evaluate(args)
-    if args.command == "ablation":
-        from hias_nb.ablation import VARIANTS, run_ablation
-
-        unknown = [v for v in args.variants or () if v not in VARIANTS]
-        if unknown:
-            raise InputError(f"--variants: unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
-        run_ablation(
-            args.out,
-            tuple(args.seeds),
-            tuple(args.variants or VARIANTS),
-            args.csv,
-            args.quick,
-            args.device,
-            args.data_root,
-            control=not args.no_control,
-        )
-        return 0
-    if args.command == "demo":
-        from hias_nb.demo import run_demo
-
-        run_demo(
-            quick=args.quick,
-            out=args.out,
-            device=args.device,
-            data_root=args.data_root,
-            seed=args.seed,
-            rounds=args.rounds,
-        )
-        return 0
     raise AssertionError(args.command)
 
 

@@ -3,6 +3,11 @@
 Each stage has a flat dataclass; its field defaults are the toytown CPU defaults and the annotated YAML files in
 ``configs/`` hold the paper-scale settings. Unknown keys and values of the wrong type are errors that name the
 key (and the file), never silently ignored lines. The resolved config is saved beside every run.
+
+A config may also hold whole stage configs as *sections* (a field whose type is a dataclass, as ``DemoConfig``
+does): ``section.key`` sets one of their keys, and a bare ``key`` does too when it is no field of the config itself
+and exactly one section has it (an error lists the candidates when several do). In a YAML file a section is a
+nested mapping (``round: {lr: 1.0e-4}``) or dotted keys.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from hias_nb.errors import InputError
+from hias_nb.io import atomic_path
 
-__all__ = ["load_config", "parse_overrides", "config_to_dict", "coerce"]
+__all__ = ["load_config", "override", "parse_overrides", "config_to_dict", "write_config", "coerce"]
 
 T = TypeVar("T")
 
@@ -106,18 +113,73 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _apply(cls: type[T], base: T, values: dict[str, Any], where: str) -> T:
+def _sections(cls: type) -> dict[str, type]:
+    """The fields of `cls` that hold a whole config of their own (a dataclass), by name."""
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    changes = {}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _unknown(key: str, names: Iterable[str], where: str) -> InputError:
+    close = difflib.get_close_matches(key.replace("-", "_"), sorted(set(names)), n=3, cutoff=0.6)  # best first
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return InputError(f"{where}: unknown config key {key!r}{hint}")
+
+
+def _locate(cls: type, key: str, where: str, fixed: frozenset[str]) -> tuple[str | None, str]:
+    """The (section, field) that `key` names (section None: a field of `cls` itself); see the module docstring.
+    Section fields in `fixed` are set by the caller for each run (paths, seeds) and cannot be set here."""
+    sections = _sections(cls)
+    top = [f.name for f in dataclasses.fields(cls) if f.name not in sections]
+    every = {s: {f.name for f in dataclasses.fields(t)} for s, t in sections.items()}
+    keys = {s: sorted(names - fixed) for s, names in every.items()}
+    section, dot, name = key.replace("-", "_").rpartition(".")
+    if dot and section in keys and name in keys[section]:
+        return section, name
+    if not dot and name in top:
+        return None, name
+    owners = [s for s in keys if name in keys[s]] if not dot else []
+    if len(owners) == 1:
+        return owners[0], name
+    if owners:
+        options = [f"{s}.{name}" for s in owners]
+        listed = f"{', '.join(options[:-1])} or {options[-1]}"
+        raise InputError(f"{where}: config key {key!r} is ambiguous: {listed} (write one of them)")
+    if name in fixed and any(name in every[s] for s in every if not dot or s == section):
+        raise InputError(f"{where}: config key {key!r} cannot be set: {cls.__name__} sets it for each stage")
+    candidates = top + [k for s in keys for k in keys[s]] + [f"{s}.{k}" for s in keys for k in keys[s]]
+    raise _unknown(key, candidates, where)
+
+
+def _flatten(values: dict[Any, Any], sections: dict[str, type]) -> Iterator[tuple[str, Any]]:
+    """``{"round": {"lr": 1e-4}}`` (a section as a nested mapping) → ``("round.lr", 1e-4)``; other items as is
+    (``warmup: 0`` names a key, as ``--warmup 0`` does, though a section is called warmup too)."""
     for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
-            raise InputError(f"{where}: unknown config key {key!r}{hint}")
-        changes[name] = coerce(value, hints[name], name, where)
+        key = str(key)
+        if key.replace("-", "_") in sections and isinstance(value, dict):
+            yield from ((f"{key}.{k}", v) for k, v in value.items())
+        else:
+            yield key, value
+
+
+def _apply(cls: type[T], base: T, values: dict[str, Any], where: str, fixed: frozenset[str] = frozenset()) -> T:
+    hints, sections = _hints(cls), _sections(cls)
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in _flatten(values, sections):
+        section, name = _locate(cls, key, where, fixed)
+        if section is None:
+            changes[name] = coerce(value, hints[name], name, where)
+        else:
+            tp = _hints(sections[section])[name]
+            nested.setdefault(section, {})[name] = coerce(value, tp, f"{section}.{name}", where)
+    for section, values_ in nested.items():
+        changes[section] = dataclasses.replace(getattr(base, section), **values_)
     return dataclasses.replace(base, **changes)
+
+
+def override(cfg: T, values: dict[str, Any], where: str = "command line", fixed: frozenset[str] = frozenset()) -> T:
+    """`cfg` with `values` (``key: value``, keys as on the command line) applied and checked; see `load_config`."""
+    return _apply(type(cfg), cfg, values, where, fixed)
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -140,24 +202,35 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Defaults of `cls`, updated by the YAML file at `path` (if any), then by `overrides`; every key checked."""
-    cfg = cls()
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a config file must be a mapping of key: value")
+    return data
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    base: T | None = None,
+    fixed: frozenset[str] = frozenset(),
+) -> T:
+    """`base` (default: the defaults of `cls`), updated by the YAML file at `path` (if any), then by `overrides`;
+    every key checked, then ``validate()`` where `cls` has one. `fixed`: section keys that cannot be set."""
+    cfg = cls() if base is None else base
     if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise InputError(f"{path}: not valid YAML ({e})") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: a config file must be a mapping of key: value")
-        cfg = _apply(cls, cfg, data, str(path))
+        cfg = _apply(cls, cfg, _read_yaml(Path(path)), str(path), fixed)
     if overrides:
-        cfg = _apply(cls, cfg, overrides, "command line")
+        cfg = _apply(cls, cfg, overrides, "command line", fixed)
     check = getattr(cfg, "validate", None)
     if check is not None:
         check()
@@ -165,9 +238,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain, YAML/JSON-friendly dict (tuples become lists)."""
+    """A plain, YAML/JSON-friendly dict (tuples become lists, sections nested dicts)."""
 
     def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return config_to_dict(v)
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, Path):
@@ -175,3 +250,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def write_config(path: str | Path, config: dict[str, Any]) -> None:
+    """Write a resolved config (a `config_to_dict` result) as YAML, atomically, in field order."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -46,7 +46,8 @@ __all__ = ["PseudoLabelConfig", "generate_pseudo_labels", "visiting_order", "loa
 
 @dataclass
 class PseudoLabelConfig:
-    """``hias-nb pseudo-label``: model G over the target train split, then a selection policy."""
+    """``hias-nb pseudo-label``: model G over the target train split, then a selection policy. Defaults are
+    toytown's (what ``hias-nb demo`` runs); ``configs/hiast_gta5_pseudo1.yaml`` has the paper's."""
 
     out: str = "runs/pseudo"  # folder for labels/ and the statistics files
     checkpoint: str = "runs/source_only/model_final.pt"  # the generator G (hias_nb checkpoint)
@@ -55,14 +56,14 @@ class PseudoLabelConfig:
     split: str = "target_train"
     resize: tuple[int, int] | None = None  # inference and label size (H, W); the reference uses 768×1536
     policy: Literal["ias", "cbst", "constant", "none"] = "ias"
-    alpha: float = 0.2  # IAS (SPEC 2.2); HIAST's configs use 0.5
+    alpha: float = 0.5  # IAS (docs/method.md §2.2): HIAST's setting; IAST's code default is 0.2
     beta: float = 0.9
     gamma: float = 8.0
     init: float = 0.9
     instance: Literal["batch", "image"] = "batch"  # "batch" with batch_size 2 is the reference
     cbst_p: float = 0.2
     constant_threshold: float = 0.9
-    class_value_gamma: float = 0.99  # EMA of the mean kept confidence per class (SPEC 2.6)
+    class_value_gamma: float = 0.99  # EMA of the mean kept confidence per class (docs/method.md §2.6)
     batch_size: int = 2
     forward_batch: int = 16  # images per model forward; selection still runs per batch_size group (same labels)
     order: Literal["seeded", "reference", "sorted"] = "seeded"

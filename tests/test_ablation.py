@@ -26,22 +26,40 @@ def test_table_counts_shared_source_stages_once_and_takes_the_last_round():
     assert t.loc[("control", "control"), "mean"] == 16.0
 
 
-def test_variants_change_only_demo_fields():
-    from dataclasses import fields
+def test_each_variant_changes_exactly_its_setting():
+    from hias_nb.config import config_to_dict
+    from hias_nb.demo import demo_config, stage_configs
 
-    from hias_nb.demo import DemoConfig
+    def flat(overrides):  # every value every stage receives, by (stage, key)
+        plan = stage_configs(demo_config(overrides=overrides), "cpu")
+        return {(s, k): v for s, cfg in plan.items() for k, v in config_to_dict(cfg).items()}
 
-    names = {f.name for f in fields(DemoConfig)}
-    assert VARIANTS["full"] == {}
-    for overrides in VARIANTS.values():
-        assert set(overrides) <= names
+    full = flat({})
+    expected = {
+        "full": set(),
+        "cbst": {("round_1/pseudo", "policy")},
+        "constant": {("round_1/pseudo", "policy")},
+        "none": {("round_1/pseudo", "policy")},
+        "no_hpla": {("round_1/train", "hpla")},
+        "no_rar": {("round_1/train", "lambda_kld"), ("round_1/train", "lambda_ent")},
+        "no_consistency": {("round_1/train", "lambda_cst")},
+        "no_strong": {("round_1/train", "strong")},
+    }
+    assert set(VARIANTS) == set(expected) | {"no_warmup"}
+    for name, changed in expected.items():
+        variant = flat(VARIANTS[name])
+        assert {k for k in full if variant[k] != full[k]} == changed, name
+    no_warmup = stage_configs(demo_config(overrides=VARIANTS["no_warmup"]))
+    assert "warmup/train" not in no_warmup
+    assert no_warmup["round_1/pseudo"].checkpoint == "runs/demo/source_only_adabn/model_final.pt"
 
 
 @pytest.mark.slow
 def test_tiny_ablation_shares_the_warmup_and_writes_the_csv(tiny_toytown, tmp_path):
     """Variants reuse the seed's source-only and warm-up stages from another folder (hard links), instead of
     refusing them as a run with another init_checkpoint; the CSV has one row per (variant, seed, stage)."""
-    tiny = dict(images=24, size=(32, 64), source_iterations=6, round_iterations=4, warmup_iterations=3, batch_size=4)
+    tiny = {"images": 24, "size": (32, 64), "source.iterations": 6, "round.iterations": 4, "warmup.iterations": 3}
+    tiny |= {"source.batch_size": 4, "warmup.batch_size": 4, "round.batch_size": 4, "adabn_batch_size": 4}
     csv = tmp_path / "ablation.csv"
     df = run_ablation(
         tmp_path / "abl",

@@ -1,14 +1,17 @@
 """The command line as a user meets it: exit status 2 with one line naming the file or field on bad input,
-resumable training, evaluation reports in the CONTRACT.md layout."""
+resumable training, evaluation reports in the report.json layout, and the demo's and ablation's settings reaching
+the stages they belong to."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from hias_nb.cli import main
@@ -37,6 +40,7 @@ def test_help_for_every_command(capsys):
         ["train-source", "--help"],
         ["warmup", "--help"],
         ["evaluate", "--help"],
+        ["ablation", "--help"],
     ):
         with pytest.raises(SystemExit) as e:
             main(cmd)
@@ -54,6 +58,13 @@ def test_help_for_every_command(capsys):
         (["data", "check", "imagenet", "--root", "/tmp"], "imagenet"),
         (["frobnicate"], "frobnicate"),
         (["demo", "--rounds", "0"], "--rounds"),
+        (["demo", "--alhpa", "0.2"], "did you mean alpha"),
+        (["demo", "--alpha", "high"], "pseudo.alpha"),
+        (["demo", "--lr", "1e-4"], "source.lr, warmup.lr or round.lr"),
+        (["demo", "--round.seed", "3"], "round.seed"),
+        (["demo", "--config", "/nonexistent/demo.yaml"], "/nonexistent/demo.yaml"),
+        (["demo", "--warmup.iterations", "-1"], "warmup.iterations"),
+        (["ablation", "--alhpa", "0.2"], "did you mean alpha"),
         (["warmup", "--adv_weight", "-1"], "adv_weight"),
         (["warmup", "--d_input", "logits"], "d_input"),
     ],
@@ -129,3 +140,93 @@ def test_checkpoint_for_another_class_count_is_refused(tiny_toytown, tmp_path, c
     assert main(["evaluate", "--checkpoint", str(ckpt), "--data-root", str(tiny_toytown)]) == 2
     line = _err_line(capsys)
     assert "nine.pt" in line and "9" in line
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """The demo with every stage replaced by a recorder of the config it receives: [(kind, cfg), ...]."""
+    import hias_nb.ablation as ablation
+    import hias_nb.demo as demo
+
+    calls: list = []
+
+    def record(kind, result):
+        return lambda cfg: calls.append((kind, cfg)) or result(Path(cfg.out))
+
+    fakes = {
+        "ensure_toytown": lambda *a, **k: None,
+        "SegDataset": lambda *a, **k: None,
+        "load_model": lambda ckpt, device: None,
+        "evaluate_stage": lambda path, name, model, ds, device: {"name": name, "miou": 1.0, "per_class": {"a": 1.0}},
+        "adabn_checkpoint": lambda source, out, *a: out,
+        "train_source": record("train_source", lambda out: out / "model_final.pt"),
+        "adversarial_warmup": record("warmup", lambda out: out),
+        "generate_pseudo_labels": record("pseudo", lambda out: out),
+        "self_train": record("self_train", lambda out: out),
+        "_figures": lambda report, out: None,
+    }
+    for name, fake in fakes.items():
+        monkeypatch.setattr(demo, name, fake)
+    monkeypatch.setattr(ablation, "train_source", fakes["train_source"])
+    return calls
+
+
+def _of(calls, kind) -> list:
+    return [cfg for k, cfg in calls if k == kind]
+
+
+def test_demo_alpha_reaches_the_pseudo_label_stage_and_is_saved(fake_stages, tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--alpha", "0.2", "--out", str(out), "--device", "cpu", "--data-root", "dr"]) == 0
+    (pseudo,) = _of(fake_stages, "pseudo")
+    assert pseudo.alpha == 0.2 and pseudo.out == str(out / "round_1" / "pseudo") and pseudo.data_root == "dr"
+    assert [k for k, _ in fake_stages] == ["train_source", "warmup", "pseudo", "self_train", "train_source"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["pseudo"]["alpha"] == 0.2 and saved["out"] == str(out) and "checkpoint" not in saved["pseudo"]
+    assert json.loads((out / "report.json").read_text())["config"]["demo"] == saved
+    # the saved config is a valid --config: it reproduces every stage config (in another folder)
+    again = tmp_path / "again"
+    first = _as_dicts(fake_stages, str(out), str(again))
+    fake_stages.clear()
+    assert main(["demo", "--config", str(out / "config.yaml"), "--out", str(again)]) == 0
+    assert _as_dicts(fake_stages) == first
+
+
+def _as_dicts(calls, old: str = "", new: str = "") -> list:
+    """The recorded stage configs as plain dicts, with `old` replaced by `new` in every path."""
+    from hias_nb.config import config_to_dict
+
+    def moved(v):
+        return v.replace(old, new) if old and isinstance(v, str) else v
+
+    return [(k, {f: moved(v) for f, v in config_to_dict(cfg).items()}) for k, cfg in calls]
+
+
+def test_demo_config_file_then_command_line(fake_stages, tmp_path):
+    f = tmp_path / "demo.yaml"
+    f.write_text("rounds: 2\nwarmup:\n  iterations: 0\nround:\n  lr: 1.0e-4\n  ema_gamma: 0.9\nalpha: 0.3\n")
+    args = ["demo", "--quick", "--config", str(f), "--round.lr", "5e-5", "--out", str(tmp_path / "d")]
+    assert main(args) == 0
+    rounds = _of(fake_stages, "self_train")
+    assert [r.lr for r in rounds] == [5e-5, 5e-5 * 0.67]  # the command line wins; later rounds decay
+    assert [r.ema_gamma for r in rounds] == [0.9, 0.9] and [r.iterations for r in rounds] == [40, 40]  # --quick
+    assert [p.alpha for p in _of(fake_stages, "pseudo")] == [0.3, 0.3]
+    assert _of(fake_stages, "warmup") == []  # warmup.iterations 0: no warm-up, round 1 from the AdaBN model
+    assert rounds[0].init_checkpoint == str(tmp_path / "d" / "source_only_adabn" / "model_final.pt")
+    assert len(_of(fake_stages, "train_source")) == 1  # --quick: no oracle
+
+
+def test_ablation_applies_the_overrides_to_every_variant(fake_stages, tmp_path):
+    out = tmp_path / "abl"
+    args = ["ablation", "--out", str(out), "--seeds", "3", "--variants", "full", "cbst", "--no-control"]
+    assert main([*args, "--quick", "--alpha", "0.3", "--round.iterations", "7", "--device", "cpu"]) == 0
+    pseudo = {Path(cfg.out).parts[-3]: cfg for cfg in _of(fake_stages, "pseudo")}
+    assert {v: (p.policy, p.alpha, p.seed) for v, p in pseudo.items()} == {
+        "full": ("ias", 0.3, 4),
+        "cbst": ("cbst", 0.3, 4),
+    }
+    assert {cfg.iterations for cfg in _of(fake_stages, "self_train")} == {7}
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["demo"]["pseudo"]["alpha"] == 0.3 and saved["variants"] == {"full": {}, "cbst": {"policy": "cbst"}}
+    variant = yaml.safe_load((out / "seed_3" / "cbst" / "config.yaml").read_text())
+    assert variant["pseudo"]["policy"] == "cbst" and variant["seed"] == 3 and variant["oracle"] is False

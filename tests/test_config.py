@@ -62,3 +62,126 @@ def test_bad_yaml_key_names_file_and_key(tmp_path):
     f.write_text("- a list\n")
     with pytest.raises(InputError, match="mapping"):
         load_config(Cfg, f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The demo's config: its own settings plus one section per stage (hias_nb.demo)
+
+# What each stage of the default demo receives (the values `hias-nb demo` has used since the 2026-12-03 results).
+DEMO_STAGES = {
+    "source_only": {"iterations": 300, "batch_size": 16, "lr": 2e-3, "head_lr_mult": 1.0, "warmup": 30,
+                    "split": "source_train", "init_checkpoint": None, "seed": 0},
+    "warmup/train": {"iterations": 300, "batch_size": 16, "lr": 2e-4, "adv_weight": 0.15, "d_ndf": 32,
+                     "init_checkpoint": "runs/demo/source_only/model_final.pt", "seed": 0},
+    "round_1/pseudo": {"policy": "ias", "alpha": 0.5, "batch_size": 2, "split": "target_train",
+                       "checkpoint": "runs/demo/warmup/model_final.pt", "seed": 1},
+    "round_1/train": {"iterations": 120, "batch_size": 16, "lr": 2e-4, "head_lr_mult": 1.0, "ema_gamma": 0.99,
+                      "hpla": True, "hpla_mode": "reference", "strong": True, "lambda_kld": 0.1, "lambda_ent": 1.0,
+                      "lambda_cst": 0.5, "freeze_bn": "affine", "pseudo_dir": "runs/demo/round_1/pseudo",
+                      "init_checkpoint": "runs/demo/warmup/model_final.pt", "split": "target_train", "seed": 1},
+    "oracle": {"iterations": 300, "batch_size": 16, "lr": 2e-3, "split": "target_train", "seed": 0},
+}  # fmt: skip
+
+
+def test_default_demo_gives_each_stage_the_toytown_values():
+    from hias_nb.demo import demo_config, stage_configs
+
+    plan = stage_configs(demo_config(), "cpu")
+    assert list(plan) == list(DEMO_STAGES)
+    for stage, expected in DEMO_STAGES.items():
+        got = config_to_dict(plan[stage])
+        assert {k: got[k] for k in expected} == expected, stage
+        assert got["out"] == f"runs/demo/{stage}" and got["device"] == "cpu" and got["data_root"] == "data/toytown"
+
+
+def test_stage_defaults_are_the_demos():
+    """One place per stage: the demo's sections are the stage configs' own defaults."""
+    from hias_nb.demo import DemoConfig
+    from hias_nb.pseudo_label import PseudoLabelConfig
+    from hias_nb.self_train import SelfTrainConfig
+    from hias_nb.train import TrainConfig
+    from hias_nb.warmup import WarmupConfig
+
+    cfg = DemoConfig()
+    assert (cfg.source, cfg.warmup, cfg.pseudo, cfg.round) == (
+        TrainConfig(), WarmupConfig(), PseudoLabelConfig(), SelfTrainConfig()
+    )  # fmt: skip
+
+
+def test_quick_demo_values():
+    from hias_nb.demo import demo_config, stage_configs
+
+    cfg = demo_config(quick=True)
+    assert (cfg.out, cfg.oracle, cfg.rounds, cfg.adabn_images) == ("runs/demo_quick", False, 1, 256)
+    plan = stage_configs(cfg)
+    assert list(plan) == ["source_only", "warmup/train", "round_1/pseudo", "round_1/train"]  # no oracle
+    its = {k: plan[k].iterations for k in ("source_only", "warmup/train", "round_1/train")}
+    assert its == {"source_only": 120, "warmup/train": 80, "round_1/train": 40}
+    assert plan["round_1/train"].lr == 2e-4 and plan["round_1/pseudo"].alpha == 0.5  # the rest as in the full demo
+    # command-line overrides apply on top of --quick
+    assert demo_config(True, overrides={"source.iterations": 7, "oracle": True}).source.iterations == 7
+
+
+def test_later_rounds_chain_teacher_and_student_and_decay_the_lr():
+    from hias_nb.demo import demo_config, stage_configs
+
+    plan = stage_configs(demo_config(overrides={"rounds": 3, "seed": 5, "out": "o"}))
+    assert [plan[f"round_{k}/train"].lr for k in (1, 2, 3)] == [2e-4, 2e-4 * 0.67, 2e-4 * 0.67**2]
+    assert [plan[f"round_{k}/pseudo"].seed for k in (1, 2, 3)] == [6, 7, 8]
+    assert plan["round_3/pseudo"].checkpoint == "o/round_2/train/teacher_final.pt"
+    assert plan["round_3/train"].init_checkpoint == "o/round_2/train/student_final.pt"
+    assert plan["source_only"].seed == plan["oracle"].seed == 5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"alhpa": 0.2}, "did you mean alpha"),
+        ({"iterations": 5}, "'iterations' is ambiguous: source.iterations, warmup.iterations or round.iterations"),
+        ({"round.seed": 1}, "'round.seed' cannot be set"),
+        ({"pseudo.checkpoint": "m.pt"}, "'pseudo.checkpoint' cannot be set"),
+        ({"round.lrr": 1e-4}, "did you mean round.lr"),
+        ({"stage.lr": 1e-4}, "unknown config key 'stage.lr'"),
+        ({"round.lr": "fast"}, "round.lr: expected float"),
+        ({"rounds": 0}, "rounds"),
+        ({"round.ema_gamma": 2.0}, "round.ema_gamma"),
+    ],
+)
+def test_bad_demo_keys_name_the_key(overrides, needle):
+    from hias_nb.demo import demo_config
+
+    with pytest.raises(InputError, match=needle):
+        demo_config(overrides=overrides)
+
+
+def test_demo_keys_bare_dotted_and_from_a_file(tmp_path):
+    from hias_nb.demo import demo_config
+
+    cfg = demo_config(overrides={"alpha": 0.2, "ema_gamma": 0.9, "d_ndf": 16, "source.lr": 1e-3, "data-root": "x"})
+    assert (cfg.pseudo.alpha, cfg.round.ema_gamma, cfg.warmup.d_ndf, cfg.source.lr) == (0.2, 0.9, 16, 1e-3)
+    assert cfg.data_root == "x" and cfg.round.lr == 2e-4 and cfg.warmup.lr == 2e-4  # nothing else moved
+    f = tmp_path / "demo.yaml"
+    f.write_text("seed: 2\nround:\n  lr: 1.0e-4\n  iterations: 60\nsource.iterations: 50\npolicy: cbst\n")
+    cfg = demo_config(False, f, {"round.iterations": 70})
+    assert (cfg.seed, cfg.round.lr, cfg.round.iterations, cfg.source.iterations) == (2, 1e-4, 70, 50)
+    assert cfg.pseudo.policy == "cbst"
+    f.write_text("round:\n  lrr: 1\n")
+    with pytest.raises(InputError, match=r"demo\.yaml: unknown config key 'round\.lrr'"):
+        demo_config(False, f)
+
+
+def test_paper_configs_set_the_paper_values():
+    """The annotated YAML files hold the paper's settings wherever the toytown defaults differ."""
+    from pathlib import Path
+
+    from hias_nb.pseudo_label import PseudoLabelConfig
+    from hias_nb.self_train import SelfTrainConfig
+    from hias_nb.train import TrainConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    src = load_config(TrainConfig, configs / "gta5_source.yaml")
+    assert (src.iterations, src.lr, src.head_lr_mult, src.backbone) == (24936, 1e-5, 10.0, "resnet101")
+    pl = load_config(PseudoLabelConfig, configs / "hiast_gta5_pseudo1.yaml")
+    assert (pl.alpha, pl.beta, pl.gamma, pl.policy) == (0.5, 0.9, 8.0, "ias")
+    st = load_config(SelfTrainConfig, configs / "hiast_gta5_round1.yaml")
+    assert (st.iterations, st.lr, st.head_lr_mult, st.ema_gamma, st.batch_size) == (8000, 3e-6, 10.0, 0.999, 6)

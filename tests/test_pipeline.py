@@ -157,18 +157,9 @@ def test_hpla_in_the_data_pipeline_is_seeded_by_position(pseudo_dir, tiny_toytow
 def test_demo_end_to_end_tiny(tiny_toytown, tmp_path, capsys):
     from hias_nb.demo import run_demo
 
-    tiny = dict(
-        quick=True,
-        out=str(tmp_path / "demo"),
-        data_root=str(tiny_toytown),
-        images=24,
-        size=(32, 64),
-        source_iterations=6,
-        round_iterations=4,
-        warmup_iterations=3,
-        batch_size=4,
-        rounds=2,
-    )
+    tiny = {"quick": True, "out": str(tmp_path / "demo"), "data_root": str(tiny_toytown), "images": 24}
+    tiny |= {"size": (32, 64), "source.iterations": 6, "round.iterations": 4, "warmup.iterations": 3, "rounds": 2}
+    tiny |= {"source.batch_size": 4, "warmup.batch_size": 4, "round.batch_size": 4, "adabn_batch_size": 4}
     report = run_demo(**tiny)
     names = [s["name"] for s in report["stages"]]
     assert names == ["source_only", "source_only_adabn", "warmup", "round_1", "round_2"]
@@ -186,6 +177,17 @@ def test_demo_end_to_end_tiny(tiny_toytown, tmp_path, capsys):
     assert [s["miou"] for s in again["stages"]] == [s["miou"] for s in report["stages"]]
     assert report["resumed"] is False and again["resumed"] is True  # its wall_seconds cover the second call only
     assert "finished stages were reused" in capsys.readouterr().out
+
+
+def test_demo_summary_is_the_final_rounds_gains():
+    from hias_nb.demo import summarise
+
+    stages = [{"name": n, "miou": m} for n, m in
+              [("source_only", 40.0), ("source_only_adabn", 44.0), ("round_1", 50.0), ("round_2", 52.5)]]  # fmt: skip
+    with_oracle = summarise([*stages, {"name": "oracle", "miou": 60.0}])
+    assert with_oracle == {"final_stage": "round_2", "gain_over_source_only": 12.5, "gain_over_adabn": 8.5,
+                           "gap_closed": 0.625}  # fmt: skip
+    assert "gap_closed" not in summarise(stages) and summarise(stages[:2]) == {}
 
 
 def test_pseudo_label_batch_sizes_must_be_positive(tiny_toytown, model_ckpt, tmp_path):
