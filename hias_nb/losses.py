@@ -21,10 +21,11 @@ carries a graph so that ``.backward()`` works. Everything is computed in (at lea
 autocast: ``log_softmax`` of fp16 logits loses the small probabilities that these terms are made of. (Under
 autocast the elementwise ops used here are not down-cast, so casting the logits once is enough.)
 
-The ``*_map`` functions return the unnormalised per-pixel values that the scalar losses sum, for display in
-the notebooks; each scalar equals its map's sum divided by the normaliser above. ``loss_maps`` (at the end)
-computes them for a student and a teacher on the views of a training step (``augment.make_views``), already
-normalised, and ``total_loss_map`` weights them with the λ of a round.
+`region_regularization_maps` and ``consistency(..., reduction="none")`` return the unnormalised per-pixel
+values that the scalar losses sum, for display in the notebooks; each scalar equals its map's sum divided by
+the normaliser above. ``loss_maps`` (at the end) computes them for a student and a teacher on the views of a
+training step (``augment.make_views``), already normalised, and ``total_loss_map`` weights them with the λ of a
+round.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ __all__ = [
     "target_cross_entropy",
     "region_regularization_maps",
     "region_regularization",
-    "consistency_map",
     "consistency",
     "LOSS_TERMS",
     "loss_maps",
@@ -170,33 +170,6 @@ def region_regularization(
     return kld, entropy
 
 
-def _soft_ce_terms(
-    student_logits: torch.Tensor,
-    teacher_probs: torch.Tensor,
-    pseudo_label: torch.Tensor,
-    region: str,
-    ignore_index: int,
-) -> torch.Tensor:
-    """Masked element-wise soft CE ``e_ic = −q_ic·log p_ic`` ``[B,C,H,W]`` (0 outside the region)."""
-    _check_shapes(student_logits, pseudo_label)
-    _check_teacher(student_logits, teacher_probs)
-    log_p = F.log_softmax(_at_least_fp32(student_logits), dim=1)
-    q = teacher_probs.detach().to(log_p.dtype)
-    mask = region_mask(pseudo_label, region, ignore_index)
-    return torch.where(mask.unsqueeze(1), -q * log_p, log_p.new_zeros(()))
-
-
-def consistency_map(
-    student_logits: torch.Tensor,
-    teacher_probs: torch.Tensor,
-    pseudo_label: torch.Tensor,
-    region: str = "ignored",
-    ignore_index: int = 255,
-) -> torch.Tensor:
-    """Per-pixel soft cross-entropy ``Σ_c −q_ic·log p_ic`` ``[B,H,W]`` within the region, 0 elsewhere."""
-    return _soft_ce_terms(student_logits, teacher_probs, pseudo_label, region, ignore_index).sum(dim=1)
-
-
 def consistency(
     student_logits: torch.Tensor,
     teacher_probs: torch.Tensor,
@@ -204,6 +177,7 @@ def consistency(
     region: str = "ignored",
     ignore_index: int = 255,
     normalisation: str = "reference",
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Mean-teacher consistency: soft CE of the student against the teacher's probabilities, docs/method.md §5.3.
 
@@ -214,13 +188,22 @@ def consistency(
         region: ``"ignored"`` (HIAST), ``"confident"`` or ``"all"``.
         normalisation: ``"reference"`` divides the sum by the number of non-zero terms of the masked
             ``[B,C,H,W]`` product (data dependent, as published); ``"pixel"`` by the region's pixel count.
+        reduction: ``"mean"`` (the loss) or ``"none"``: the per-pixel soft CE ``Σ_c −q_ic·log p_ic`` ``[B,H,W]``
+            within the region, 0 elsewhere, before normalisation (for display).
     Returns:
         float32 (or float64) scalar; exactly 0 for an empty region or when every term is zero.
     """
     _check_choice("normalisation", normalisation, NORMALISATIONS)
-    terms = _soft_ce_terms(student_logits, teacher_probs, pseudo_label, region, ignore_index)
-    pixels = region_mask(pseudo_label, region, ignore_index).sum()
-    count = (terms != 0).sum() if normalisation == "reference" else pixels
+    _check_choice("reduction", reduction, ("mean", "none"))
+    _check_shapes(student_logits, pseudo_label)
+    _check_teacher(student_logits, teacher_probs)
+    log_p = F.log_softmax(_at_least_fp32(student_logits), dim=1)
+    q = teacher_probs.detach().to(log_p.dtype)
+    mask = region_mask(pseudo_label, region, ignore_index)  # [B,H,W]
+    terms = torch.where(mask.unsqueeze(1), -q * log_p, log_p.new_zeros(()))  # −q_ic·log p_ic  [B,C,H,W]
+    if reduction == "none":
+        return terms.sum(dim=1)
+    count = (terms != 0).sum() if normalisation == "reference" else mask.sum()
     return safe_divide(terms.sum(), count)
 
 
@@ -250,7 +233,8 @@ def _normalised_term_maps(
         "ce": ce / n_conf,
         "kld": kld / (per_class * n_conf),
         "entropy": entropy / (per_class * n_ign),
-        "consistency": consistency_map(logits, teacher_probs, pseudo_label, cst_region) / max(cst_count, 1),
+        "consistency": consistency(logits, teacher_probs, pseudo_label, cst_region, reduction="none")
+        / max(cst_count, 1),
     }
 
 

@@ -323,6 +323,10 @@ class IAS(Selector):
         """Current thresholds, float64 `[C]`."""
         return torch.from_numpy(self._theta.copy())
 
+    def update(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The same as ``select`` (IAS's original verb, kept because user code calls it)."""
+        return self.select(conf, pred)
+
     def _labels(self, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Update the thresholds with this call's instance(s); labels selected with the updated ones."""
         classes = np.arange(self.num_classes)

@@ -9,7 +9,6 @@ import torch
 
 from hias_nb.losses import (
     consistency,
-    consistency_map,
     region_regularization,
     region_regularization_maps,
     target_cross_entropy,
@@ -197,7 +196,7 @@ def test_maps_sum_to_losses():
         ("confident", confident),
         ("all", torch.ones_like(confident)),
     ):
-        cmap = consistency_map(logits, teacher, label, region=region)
+        cmap = consistency(logits, teacher, label, region=region, reduction="none")
         assert cmap.shape == label.shape
         assert (cmap[~mask] == 0).all()
         pix = consistency(logits, teacher, label, region=region, normalisation="pixel")

@@ -445,3 +445,15 @@ def test_sorted_samples_rank_and_order_statistics():
     assert samples.rank_below(classes, np.array([0.5, 0.9, 1.5])).tolist() == [0, 0, 1]
     assert samples.kth(np.zeros(3, dtype=np.int64), np.array([0, 1, 2])).tolist() == [0.5, 0.5, 0.75]
     assert samples.kth(np.array([2]), np.array([0])).tolist() == [1.0]
+
+
+def test_ias_update_is_select():
+    """``IAS.update`` (the name user code calls) takes the same stream step as ``select``."""
+    conf, pred = random_stream(7, 4, 5)
+    a, b = IAS(5, alpha=0.5), IAS(5, alpha=0.5)
+    for s in (0, 2):
+        la = a.update(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2]))
+        lb = b.select(torch.from_numpy(conf[s : s + 2]), torch.from_numpy(pred[s : s + 2]))
+        assert torch.equal(la, lb)
+    assert torch.equal(a.thresholds, b.thresholds) and len(a.history) == 2 * 5
+    assert not torch.equal(a.thresholds, torch.full((5,), 0.9, dtype=torch.float64))  # the stream moved them
