@@ -1,6 +1,6 @@
 """Benchmark of hias_nb.selectors (run on demand, not a test).
 
-1. IAS against the reference computation as SPEC.md 2.5 describes it (Python lists built with ``extend`` of
+1. IAS against the reference computation as docs/method.md §2.5 describes it (Python lists built with ``extend`` of
    float16 scalars, ``np.quantile`` per class, per-pixel threshold lookup through ``np.apply_along_axis`` with a
    Python lambda, built-in ``sum`` for the counts), on identical inputs, one thread. Thresholds and labels must
    be identical; both times and their ratio are printed from the same run.
@@ -32,7 +32,7 @@ def synthetic(rng: torch.Generator, batch: int, classes: int, h: int, w: int) ->
 
 
 def reference_instance(theta, conf, pred, num_classes, alpha, beta, gamma):
-    """One instance as the published code does it (SPEC 2.2 and 2.5); conf float32, pred int64 numpy."""
+    """One instance as the published code does it (docs/method.md §2.2 and 2.5); conf float32, pred int64 numpy."""
     sample_lists = [[theta[c]] for c in range(num_classes)]
     for b in range(conf.shape[0]):
         conf16 = conf[b].astype(np.float16)
@@ -79,7 +79,7 @@ def bench_ias(args: argparse.Namespace) -> None:
         assert np.array_equal(f.numpy(), r), "labels differ"
     n = args.instances
     print(f"IAS {n} instances of {args.batch}x{h}x{w}, C={args.classes}, 1 thread: thresholds and labels identical")
-    print(f"  reference (SPEC 2.5): {t_ref:8.3f} s  ({t_ref / n * 1e3:8.1f} ms/instance)")
+    print(f"  reference (docs/method.md §2.5): {t_ref:8.3f} s  ({t_ref / n * 1e3:8.1f} ms/instance)")
     print(f"  hias_nb IAS         : {t_fast:8.3f} s  ({t_fast / n * 1e3:8.1f} ms/instance)")
     print(f"  speed-up            : {t_ref / t_fast:8.1f} x")
 

@@ -1,6 +1,6 @@
 """Weak ("MS") and strong ("CCA") views, batched on the training device.
 
-Implements SPEC.md section 5.5 (augmentations), the randomness notes of 5.6 and bug B42 of section 9.3: the
+Implements docs/method.md §5.5 (augmentations), the randomness notes of §5.6 and B42: the
 strong view re-implements the **albumentations 1.0.3** semantics of the published configuration (its
 `RandomContrast` is a pure gain in [1, 4], its `RandomBrightness` adds up to +-0.5*255) instead of calling a
 current library by name. Also the photometric augmentation used for source-only training and the ImageNet
@@ -15,12 +15,12 @@ Conventions
 - All randomness goes through an explicit ``torch.Generator``; parameters are drawn independently for each image
   of the batch. Draw on the generator's device, apply on the images' device.
 
-Weak view "MS" (SPEC 5.5): horizontal flip with p = 0.5, then RandomSizedCrop. Resizing follows OpenCV
+Weak view "MS" (docs/method.md §5.5): horizontal flip with p = 0.5, then RandomSizedCrop. Resizing follows OpenCV
 ``INTER_LINEAR`` / ``INTER_NEAREST`` geometry as PyTorch implements it (``F.interpolate`` bilinear with
 ``align_corners=False`` and ``nearest``); it is done for the whole batch with gathers, so each sample's crop is
 interpolated from its own pixels only (border clamping at the crop edge, as a per-image crop would).
 
-Strong view "CCA" (SPEC 5.5 table): three distinct operations out of eight, applied in the drawn order, each
+Strong view "CCA" (docs/method.md §5.5 table): three distinct operations out of eight, applied in the drawn order, each
 firing with p = 0.5. Every operation reads and writes uint8-valued images: values are rounded or truncated back
 to integers in [0, 255] at the end of each operation (and of each ColorJitter sub-operation), exactly where
 OpenCV/numpy would store a uint8 (documented per operation below).
@@ -116,13 +116,13 @@ def _randint(generator: torch.Generator, low: int, high_inclusive: int, n: int) 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Weak view "MS": horizontal flip + RandomSizedCrop (SPEC 5.5)
+# Weak view "MS": horizontal flip + RandomSizedCrop (docs/method.md §5.5)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class WeakViewConfig:
-    """One row of the SPEC 5.5 table: output size (H, W), crop-height range (inclusive) and ratio r = w/h."""
+    """One row of the docs/method.md §5.5 table: output size (H, W), crop-height range (inclusive) and ratio r = w/h."""
 
     out_size: tuple[int, int]
     h_range: tuple[int, int]
@@ -155,7 +155,7 @@ def scaled_weak_defaults(out_size: tuple[int, int], base: WeakViewConfig = CITYS
 class WeakViewParams:
     """Per-image weak-view parameters; every field is an int64/bool CPU tensor ``[B]``.
 
-    ``top``/``left`` index the **flipped** image (the flip happens before the crop, as in SPEC 5.5);
+    ``top``/``left`` index the **flipped** image (the flip happens before the crop, as in docs/method.md §5.5);
     ``height``/``width`` are the crop size after clamping to the image; ``out_size`` is (H_out, W_out).
     """
 
@@ -577,7 +577,7 @@ def _to_gray(x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Strong view "CCA" (SPEC 5.5): SomeOf(3 of 8, in drawn order), each op with p = 0.5
+# Strong view "CCA" (docs/method.md §5.5): SomeOf(3 of 8, in drawn order), each op with p = 0.5
 # ----------------------------------------------------------------------------------------------------------------
 
 CCA_OPS = (
@@ -635,7 +635,7 @@ def scaled_blur_limit(
 def sample_blur_ksize(generator: torch.Generator, n: int, blur_limit: tuple[int, int] = (3, 41)) -> list[int]:
     """GaussianBlur kernel sizes: k ~ UniformInt[lo, hi] (inclusive), an even k becomes k + 1.
 
-    With (3, 41) this gives P(3) = 1/39 and P(k) = 2/39 for k = 5, 7, ..., 41, as SPEC 5.5 states.
+    With (3, 41) this gives P(3) = 1/39 and P(k) = 2/39 for k = 5, 7, ..., 41, as docs/method.md §5.5 states.
     Both limits must be odd (albumentations would map an even upper limit + 1 to ksize 0).
     """
     lo, hi = int(blur_limit[0]), int(blur_limit[1])

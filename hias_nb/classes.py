@@ -1,4 +1,4 @@
-"""Class lists, colour palettes and evaluation protocols (SPEC.md section 7.2 and 7.3).
+"""Class lists, colour palettes and evaluation protocols (docs/method.md §7.2 and 7.3).
 
 A *protocol* says which classes a model predicts and which of them enter the mean IoU:
 - ``cityscapes19``: the 19 Cityscapes train ids, all evaluated;
@@ -7,7 +7,7 @@ A *protocol* says which classes a model predicts and which of them enter the mea
 - ``oxford9``: a 9-way model (Cityscapes → Oxford RobotCar), all evaluated.
 
 The SYNTHIA means are computed over the listed classes explicitly, never by rescaling a 19-class mean
-(SPEC.md 9.4, B22).
+(docs/method.md §9.4, B22).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ CITYSCAPES_PALETTE: np.ndarray = np.array(
     dtype=np.uint8,
 )  # fmt: skip
 
-# Cityscapes -> Oxford RobotCar 9-class protocol (SPEC.md 7.3), in the published palette order.
+# Cityscapes -> Oxford RobotCar 9-class protocol (docs/method.md §7.3), in the published palette order.
 OXFORD_CLASSES: tuple[str, ...] = (
     "sky", "person", "two-wheel", "automobile", "sign", "light", "building", "sidewalk", "road",
 )  # fmt: skip

@@ -1,7 +1,7 @@
 """Just enough torch.distributed for ``torchrun --nproc_per_node N -m hias_nb ...``.
 
 One process per GPU; rank 0 writes every file. Batches are split evenly (a global batch that does not divide by
-the world size is an error, unlike the published code's silent floor division, SPEC.md B31).
+the world size is an error, unlike the published code's silent floor division, docs/method.md B31).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Evaluation on a labelled split: confusion-matrix mIoU, per-class IoU, ``report.json`` (CONTRACT.md).
+"""Evaluation on a labelled split: confusion-matrix mIoU, per-class IoU, ``report.json`` (its layout:
+docs/architecture.md, “report.json”).
 
-Prediction (SPEC.md 6.4): the normalised image is resized (bilinear, align_corners=True) to each evaluation
+Prediction (docs/method.md §6.4): the normalised image is resized (bilinear, align_corners=True) to each evaluation
 scale, the logits are upsampled back to the label size and their softmaxes summed over scales; ``flip`` adds the
 softmax of the mirrored image. With one scale of 1.0 and no flip this is a plain forward pass.
 """
@@ -184,7 +185,8 @@ def evaluate_by_severity(
 
 
 def stage_entry(name: str, result: EvalResult, **extra: Any) -> dict[str, Any]:
-    """One element of ``report["stages"]`` (CONTRACT.md): name, mIoU and per-class IoU in percent."""
+    """One element of ``report["stages"]`` (docs/architecture.md, “report.json”): name, mIoU and per-class IoU
+    in percent."""
     per = result.per_class
     entry = {
         "name": name,
@@ -217,7 +219,7 @@ def write_report(
     config: dict[str, Any],
     **extra: Any,
 ) -> dict[str, Any]:
-    """Write ``report.json`` atomically in the CONTRACT.md layout and return it."""
+    """Write ``report.json`` atomically in the layout of docs/architecture.md (“report.json”) and return it."""
     report = {
         "protocol": protocol.name,
         "classes": [protocol.classes[c] for c in protocol.evaluated],

@@ -1,6 +1,6 @@
 """HPLA — hard-aware pseudo-label augmentation (copy-paste of hard-class pixels between target images).
 
-Provenance: HIAST (Zhu et al., TPAMI 2025, arXiv 2302.06992); SPEC.md section 3 (3.1 hard classes, 3.2
+Provenance: HIAST (Zhu et al., TPAMI 2025, arXiv 2302.06992); docs/method.md §3 (3.1 hard classes, 3.2
 sampling probabilities, 3.3 donor lists, 3.4 paste procedure, 3.5 order) and section 9.1 (B1-B5).
 
 Per training round, from the statistics of that round's pseudo-label generation:
@@ -12,7 +12,7 @@ Per training round, from the statistics of that round's pseudo-label generation:
 3. ``HPLA(...)(image, label)``: draw a hard class, draw a donor image containing it, and paste **all** of the
    donor's hard-class pixels (not only the drawn class, B2) at the same positions into the recipient.
 
-Fixes relative to the published code (SPEC.md 11.2): classes excluded by the protocol (SYNTHIA's 9, 14, 16)
+Fixes relative to the published code (docs/method.md §11.2): classes excluded by the protocol (SYNTHIA's 9, 14, 16)
 get probability 0 instead of NaN (B3); classes without donors are skipped instead of crashing or looping
 forever (B4); donors of another size are resized to the recipient (B5). ``mode="reference"`` pastes exactly
 one donor, as the published code does in effect (B1); ``mode="intended"`` follows its comment: up to
@@ -54,7 +54,7 @@ def _float64_cpu(values: np.ndarray | torch.Tensor | Sequence[float]) -> torch.T
 def hard_classes(
     class_values: np.ndarray | torch.Tensor | Sequence[float], num_hard: int, ignored: Iterable[int] = ()
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hard classes and their sampling probabilities (SPEC.md 3.1, 3.2).
+    """The hard classes and their sampling probabilities (docs/method.md §3.1, 3.2).
 
     Args:
         class_values: ``[C]`` class values ``v_c`` (numpy, torch or a sequence); lower means harder.
@@ -103,7 +103,7 @@ def hard_classes(
 def donor_lists(
     samples_with_class: Mapping[int, Sequence[tuple[str, int]]], drop_fraction: float = 0.1
 ) -> dict[int, list[str]]:
-    """Donor images per class (SPEC.md 3.3).
+    """Donor images per class (docs/method.md §3.3).
 
     Args:
         samples_with_class: ``{class_id: [(image_name, pixel_count), ...]}`` as written by pseudo-label
@@ -133,7 +133,7 @@ class Draw:
 
 
 class HPLA:
-    """The HPLA paste procedure (SPEC.md 3.4), applied to one full-resolution target sample.
+    """The HPLA paste procedure (docs/method.md §3.4), applied to one full-resolution target sample.
 
     Args:
         hard: int64 ``[K]`` hard classes (from ``hard_classes``).
@@ -187,7 +187,7 @@ class HPLA:
         self.eligible: list[int] = [c for c in hard_list if self.donors.get(c) and float(self.probs[c]) > 0]
 
     def _draw_class(self, candidates: list[int]) -> int:
-        """A class from ``probs`` restricted and renormalised to ``candidates`` (SPEC.md 3.2)."""
+        """A class from ``probs`` restricted and renormalised to ``candidates`` (docs/method.md §3.2)."""
         weights = self.probs[candidates]
         return candidates[int(torch.multinomial(weights, 1, generator=self.generator))]
 

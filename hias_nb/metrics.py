@@ -1,6 +1,7 @@
-"""Segmentation metrics: a confusion matrix accumulated over a whole split, per-class IoU and mIoU (SPEC.md 7.1).
+"""Segmentation metrics: a confusion matrix accumulated over a whole split, per-class IoU and mIoU
+(docs/method.md §7.1).
 
-Differences from the published evaluator, on purpose (SPEC.md 9.4, 11):
+Differences from the published evaluator, on purpose (docs/method.md §9.4, 11):
 - a class absent from both prediction and ground truth has IoU ``None`` and is left out of the mean (the
   published code counts it as 0);
 - SYNTHIA's 16/13-class means are means over the listed classes, never a rescaled 19-class mean (B22);

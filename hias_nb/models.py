@@ -1,6 +1,6 @@
 """DeepLab-v2 on a timm backbone, BatchNorm freezing, parameter groups and checkpoint I/O.
 
-Implements SPEC.md section 6.1 (network), 6.2 (BN "freezing"), 6.3 (parameter groups), 6.5 (checkpoint
+Implements docs/method.md §6.1 (network), 6.2 (BN "freezing"), 6.3 (parameter groups), 6.5 (checkpoint
 files) and 6.6 (the published state-dict layout), with the fixes of section 11: loading is never silent
 (B19: every key is reported as matched, missing, unexpected or ignored, and a checkpoint that matches
 nothing is an error) and never unpickles arbitrary objects (`torch.load(..., weights_only=True)`).
@@ -52,7 +52,7 @@ __all__ = [
 CHECKPOINT_FORMAT = 1
 BN_FREEZE_MODES = ("none", "affine", "full")
 
-# Keys of published checkpoints that hias_nb's model has no counterpart for, on purpose (SPEC.md 6.6):
+# Keys of published checkpoints that hias_nb's model has no counterpart for, on purpose (docs/method.md §6.6):
 # the unused representation head, the adversarial discriminators (HIAST `D.*`, IAST `discriminators.*`) and
 # the ImageNet classifier of IAST's backbone.
 _IGNORED_PREFIXES = ("representation.", "D.", "discriminators.", "backbone.fc.")
@@ -60,14 +60,14 @@ _ASPP_KEY = re.compile(r"aspp\.conv2d_list\.\d+\.(weight|bias)")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Network (SPEC.md 6.1)
+# Network (docs/method.md §6.1)
 # ----------------------------------------------------------------------------------------------------------
 
 
 class ASPP(nn.Module):
     """DeepLab-v2 classifier: parallel dilated 3x3 convolutions whose outputs are **summed**.
 
-    No BN, no ReLU, no concatenation (SPEC.md 6.1). Weights N(0, 0.01), biases PyTorch's default.
+    No BN, no ReLU, no concatenation (docs/method.md §6.1). Weights N(0, 0.01), biases PyTorch's default.
 
     Shape: `[B, in_channels, h, w] -> [B, num_classes, h, w]`.
     """
@@ -88,7 +88,7 @@ class ASPP(nn.Module):
 
 
 class DeepLabV2(nn.Module):
-    """DeepLab-v2: timm backbone at output stride 8 plus the summed ASPP of SPEC.md 6.1.
+    """DeepLab-v2: timm backbone at output stride 8 plus the summed ASPP of docs/method.md §6.1.
 
     Args:
         backbone: a timm model name that supports `output_stride` (`resnet101` for the paper; `resnet10t`
@@ -99,7 +99,7 @@ class DeepLabV2(nn.Module):
         aspp_rates: dilation (= padding) of each ASPP branch.
 
     Shape: `forward(x: [B, 3, H, W]) -> logits [B, C, H, W]`, the stride-8 logits upsampled bilinearly with
-    `align_corners=True` to the input size (as every loss, pseudo-labelling and evaluation in SPEC.md uses).
+    `align_corners=True` to the input size (as every loss, pseudo-labelling and evaluation of the method uses).
 
     Attributes:
         pretrained_report: the `LoadReport` of the pretrained file, None for a random initialisation;
@@ -188,14 +188,14 @@ def _load_pretrained_backbone(backbone: nn.Module, path: Path) -> LoadReport:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Optimisation: parameter groups (SPEC.md 6.3) and BatchNorm freezing (SPEC.md 6.2, B9)
+# Optimisation: parameter groups (docs/method.md §6.3) and BatchNorm freezing (docs/method.md §6.2, B9)
 # ----------------------------------------------------------------------------------------------------------
 
 
 def param_groups(
     model: nn.Module, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
-    """Optimiser parameter groups: backbone at `lr`, ASPP head at `head_lr_mult * lr` (SPEC.md 6.3).
+    """Optimiser parameter groups: backbone at `lr`, ASPP head at `head_lr_mult * lr` (docs/method.md §6.3).
 
     Parameters with `requires_grad=False` (e.g. frozen BN affine) are left out; a group left empty is dropped.
     Each group carries a `"name"` ("backbone" or "head") for logging.
@@ -227,7 +227,7 @@ def freeze_bn(model: DeepLabV2, mode: str) -> None:
 
     - `"none"`: BN weight/bias trainable, BN in train mode under `model.train()` (the default; undoes the others).
     - `"affine"`: BN weight/bias get `requires_grad=False`; BN still normalises with batch statistics and
-      updates its running statistics in train mode. This is the reference behaviour (SPEC.md 6.2, B9).
+      updates its running statistics in train mode. This is the reference behaviour (docs/method.md §6.2, B9).
     - `"full"`: as "affine", and BN layers stay in eval mode: `DeepLabV2.train()` re-applies `set_bn_eval`
       after switching the rest of the model to train mode, so the trainer just calls `model.train()`.
       A deep copy (e.g. the EMA teacher) keeps the mode.
@@ -246,7 +246,7 @@ def freeze_bn(model: DeepLabV2, mode: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints (SPEC.md 6.5, 6.6)
+# Checkpoints (docs/method.md §6.5, 6.6)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -317,14 +317,14 @@ def load_checkpoint(
 
     `source` is a file path or an in-memory state dict, in any of these layouts:
     - hias_nb's own (`save_checkpoint`'s wrapper dict, or a bare dict of `backbone.*` / `aspp.*` keys);
-    - the published HIAST layout (SPEC.md 6.6): `seg_model.` prefix, optional `module.` prefix,
+    - the published HIAST layout (docs/method.md §6.6): `seg_model.` prefix, optional `module.` prefix,
       `seg_model.representation.*` and `D.*` ignored;
     - the IAST layout: `module.backbone.*`, `module.decoder.aspp.*`; `backbone.fc.*`, `discriminators.*` ignored.
     A generic `{"state_dict": {...}}` wrapper is unwrapped too.
 
     Raises `InputError` (naming the file and the key) when the file is not a loadable checkpoint or would need
     unpickling of arbitrary objects, when a shape differs (wrong class count included), when nothing at all
-    matches (SPEC.md B19), and with `strict=True` when any key is missing or unexpected (ignored keys are fine).
+    matches (docs/method.md B19), and with `strict=True` when any key is missing or unexpected (ignored keys are fine).
     Nothing is loaded unless every check passes.
     """
     model = _unwrap(model)
@@ -363,7 +363,7 @@ def load_checkpoint(
 
 
 def _published_to_own(key: str) -> str:
-    """Map a HIAST/IAST/hias_nb key to hias_nb's naming (SPEC.md 6.6)."""
+    """Map a HIAST/IAST/hias_nb key to hias_nb's naming (docs/method.md §6.6)."""
     # The reference strips 7 characters when the *first* key contains "module"; stripping a leading
     # "module." per key does the same for DDP files and cannot mangle a key that merely contains the word.
     key = key.removeprefix("module.").removeprefix("seg_model.")

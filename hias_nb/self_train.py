@@ -142,7 +142,7 @@ class PseudoLabelledTarget(torch.utils.data.Dataset):
 
 class HPLATarget(torch.utils.data.Dataset):
     """`PseudoLabelledTarget` items with HPLA applied in the data pipeline, as the reference does in its dataset
-    (SPEC 3.5: per sample, at full resolution, before the views), so that with ``num_workers > 0`` the donor
+    (docs/method.md §3.5: per sample, at full resolution, before the views), so that with ``num_workers > 0`` the donor
     reads and pastes run in DataLoader workers, off the training step.
 
     Keys are ``(position, index)`` pairs (``InfiniteSampler(..., positions=True)``): the paste draws of the
@@ -177,7 +177,7 @@ def build_hpla(
     drop_fraction: float,
     generator: torch.Generator | None,
 ) -> HPLA:
-    """HPLA for a round, fixed from the round's generation statistics (SPEC 3.1–3.3)."""
+    """HPLA for a round, fixed from the round's generation statistics (docs/method.md §3.1–3.3)."""
     summary = load_pseudo_summary(pseudo_dir)
     hard, probs = hard_classes(np.asarray(summary["class_values"]), num_hard, ignored=ignored)
     raw = read_json(Path(pseudo_dir) / "donors.json")

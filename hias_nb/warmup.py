@@ -1,4 +1,4 @@
-"""Adversarial warm-up (SPEC.md 1.4): ``hias-nb warmup``, the stage between source-only training and round 1.
+"""Adversarial warm-up (docs/method.md §1.4): ``hias-nb warmup``, the stage between source-only training and round 1.
 
 Per iteration, read top to bottom in `warmup_step`: a labelled source batch and an unlabelled target batch →
 weak views (source also photometric, as in source-only training) → the segmentation network on both →
@@ -8,11 +8,11 @@ generator loss ``CE(z_s, y_s)·source_weight + adv_weight·D_loss(D(φ(z_t)), so
 Source label 0, target label 1: the generator pushes target outputs to look like source ones (AdaptSegNet's
 output-space alignment). φ is the softmax (AdaptSegNet) or the normalised self-information map (AdvEnt).
 
-Decisions (SPEC 9 B37): MinEnt is off by default (`ent_weight=0`; the reference's default 3.0 silently switched it
-on); the source and target batches go through the network in **one** forward pass (`joint_forward`), so every
-BatchNorm layer normalises both with the same batch statistics (two train-mode passes would give the two domains
-different statistics in training and mixed running statistics at test time, TOYTOWN-NOTES).
-The run writes ``model_final.pt`` (the segmentation network: G and M of SPEC 1.1 — the reference's "best by
+Decisions (docs/method.md B37): MinEnt is off by default (`ent_weight=0`; the reference's default 3.0 silently
+switched it on); the source and target batches go through the network in **one** forward pass (`joint_forward`),
+so every BatchNorm layer normalises both with the same batch statistics (two train-mode passes would give the two
+domains different statistics in training and mixed running statistics at test time, docs/toytown.md).
+The run writes ``model_final.pt`` (the segmentation network: G and M of docs/method.md §1.1 — the reference's "best by
 target-val" choice would use target labels, so both are the last iteration) and ``discriminator_final.pt``.
 """
 
@@ -102,7 +102,7 @@ class WarmupConfig:
 
 
 class FCDiscriminator(nn.Module):
-    """Output-space discriminator of SPEC 1.4 (``FCDiscriminator(C, ndf)``).
+    """Output-space discriminator of docs/method.md §1.4 (``FCDiscriminator(C, ndf)``).
 
     Five 4×4 convolutions with stride 2 and padding 1, channels ``C → ndf → 2ndf → 4ndf → 8ndf → 1``, LeakyReLU(0.2)
     between them. Parameter names match the published checkpoints' ``D.*`` keys (conv1..conv4, classifier).
@@ -145,7 +145,7 @@ def discriminator_loss(d_out: torch.Tensor, label: float, kind: str = "mse") -> 
 
 
 def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """MinEnt term of SPEC 1.4: ``Σ −p log2 p / (N·H·W·log2 C)`` over all pixels of ``[N,C,H,W]`` logits."""
+    """MinEnt term of docs/method.md §1.4: ``Σ −p log2 p / (N·H·W·log2 C)`` over all pixels of ``[N,C,H,W]`` logits."""
     p = logits.softmax(1)
     return -(p * torch.log2(p.clamp_min(1e-30))).sum(1).mean() / math.log2(logits.shape[1])
 

@@ -35,7 +35,7 @@ CITY_RAW = np.array(
     [[7, 8, 11, 26, 0, 33], [7, 7, 24, 25, 1, 32], [19, 20, 21, 23, 31, 6], [28, 27, 17, 12, 13, 22]],
     dtype=np.uint8,
 )
-# Expected train ids, written out from the table of SPEC.md 7.3 (not computed from the manifest).
+# Expected train ids, written out from the table of docs/method.md §7.3 (not computed from the manifest).
 CITY_TRAIN = np.array(
     [[0, 1, 2, 13, 255, 18], [0, 0, 11, 12, 255, 17], [6, 7, 8, 10, 16, 255], [15, 14, 5, 3, 4, 9]],
     dtype=np.int64,
@@ -354,7 +354,7 @@ def test_oxford_dataset_rgba_channel_0_and_unlabelled_train(tmp_path):
 
 def test_cityscapes_oxford9_maps_labelids_to_9_classes(tmp_path):
     ds = SegDataset("cityscapes_oxford9", cityscapes_tree(tmp_path), "val")
-    # Expected: 19-class ids of CITY_TRAIN sent through the 19 -> 9 table of SPEC.md 7.3.
+    # Expected: 19-class ids of CITY_TRAIN sent through the 19 -> 9 table of docs/method.md §7.3.
     to9 = {10: 0, 11: 1, 12: 1, 17: 2, 18: 2, 13: 3, 14: 3, 15: 3, 7: 4, 6: 5, 2: 6, 1: 7, 0: 8}
     expected = np.vectorize(lambda c: to9.get(int(c), 255))(CITY_TRAIN)
     np.testing.assert_array_equal(ds[0]["label"].numpy(), expected)

@@ -1,4 +1,4 @@
-"""Tests for hias_nb.hpla: hard classes, donor lists and the paste procedure (SPEC.md 3, 9.1)."""
+"""Tests for hias_nb.hpla: hard classes, donor lists and the paste procedure (docs/method.md §3, 9.1)."""
 
 from __future__ import annotations
 

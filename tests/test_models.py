@@ -1,5 +1,5 @@
 """Tests of hias_nb.models: DeepLab-v2 shapes, equivalence with the published architecture, checkpoint
-layouts and errors, parameter groups and BN freezing (SPEC.md 6.1-6.6, B9, B19)."""
+layouts and errors, parameter groups and BN freezing (docs/method.md §6.1-6.6, B9, B19)."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def test_unknown_backbone_is_input_error() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# The published architecture and layout (SPEC.md 6.1, 6.6)
+# The published architecture and layout (docs/method.md §6.1, 6.6)
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -377,7 +377,7 @@ def test_pretrained_torchvision_file_without_bn_counters(tmp_path: Path) -> None
 
 
 # ------------------------------------------------------------------------------------------------------
-# Parameter groups and BN freezing (SPEC.md 6.2, 6.3, B9)
+# Parameter groups and BN freezing (docs/method.md §6.2, 6.3, B9)
 # ------------------------------------------------------------------------------------------------------
 
 

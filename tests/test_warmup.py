@@ -1,5 +1,5 @@
-"""Adversarial warm-up (SPEC.md 1.4): the discriminator's layout, the loss formulas against hand-computed values,
-which network each loss reaches, the direction of the adversarial push, and an exactly resumable run."""
+"""Adversarial warm-up (docs/method.md §1.4): the discriminator's layout, the loss formulas against hand-computed
+values, which network each loss reaches, the direction of the adversarial push, and an exactly resumable run."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from hias_nb.warmup import (
 
 def test_discriminator_layout_matches_the_published_keys_and_shapes():
     d = FCDiscriminator(19)
-    want = {  # SPEC 6.6: D.conv1..conv4, D.classifier, 4x4 kernels
+    want = {  # docs/method.md §6.6: D.conv1..conv4, D.classifier, 4x4 kernels
         "conv1.weight": (64, 19, 4, 4),
         "conv2.weight": (128, 64, 4, 4),
         "conv3.weight": (256, 128, 4, 4),

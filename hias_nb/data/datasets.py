@@ -1,10 +1,10 @@
-"""The one dataset reader, label decoding and the dataset checker (SPEC.md sections 6.7 and 7.3).
+"""The one dataset reader, label decoding and the dataset checker (docs/method.md §6.7 and 7.3).
 
 Every dataset (GTA5, SYNTHIA, Cityscapes, Oxford RobotCar, toytown) is read by `SegDataset` from its
 manifest (`hias_nb.data.manifests`): raw label values go through a lookup table to train ids, 255 ignored.
 
 Unlike the published loader, which prints a loading error and silently substitutes a neighbouring sample
-(SPEC.md 9.4, B20), a missing, corrupt or mismatched file is always an `InputError` that names the file.
+(docs/method.md §9.4, B20), a missing, corrupt or mismatched file is always an `InputError` that names the file.
 `check_dataset` walks a whole tree and returns every problem it finds, for ``hias-nb data check``.
 """
 

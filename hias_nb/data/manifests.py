@@ -1,4 +1,4 @@
-"""Dataset descriptions: one YAML file per dataset in ``data_manifests/`` (SPEC.md sections 6.7 and 7.3).
+"""Dataset descriptions: one YAML file per dataset in ``data_manifests/`` (docs/method.md §6.7 and 7.3).
 
 A manifest says where a dataset's images and labels lie relative to its root, how a label file is encoded,
 which raw values it may hold and how they map to train ids, and how many files of which size each split has.
@@ -86,7 +86,7 @@ class SplitSpec:
     label: str | None  # None: the split has no labels (every pixel 255)
     count: int | None  # expected number of samples after `exclude`; None: not checked
     size: tuple[int, int] | None  # (H, W) of every image; None: sizes vary
-    exclude: frozenset[str] = frozenset()  # sample ids left out (GTA5's 25 images, SPEC.md 6.7)
+    exclude: frozenset[str] = frozenset()  # sample ids left out (GTA5's 25 images, docs/method.md §6.7)
 
     @property
     def fields(self) -> tuple[str, ...]:

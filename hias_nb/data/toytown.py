@@ -1,7 +1,7 @@
 """toytown: the embedded two-domain street-scene benchmark (procedural, generated from a seed).
 
-Not part of the paper: a stand-in for GTA5 -> Cityscapes (SPEC.md 1.1, 7.2) that is small enough to train on
-a CPU in minutes. Design facts come from `/work/shared/TOYTOWN-NOTES.md`.
+Not part of the paper: a stand-in for GTA5 -> Cityscapes (docs/method.md §1.1, 7.2) that is small enough to train on
+a CPU in minutes. Its design notes are in `docs/toytown.md`.
 
 Every scene is drawn from one layout distribution: a road converging to a vanishing point, sidewalks, building
 facades with windows, verges of terrain, walls/fences/hedges, trees, poles carrying lamps, traffic lights and
