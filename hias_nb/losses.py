@@ -1,12 +1,12 @@
 """Self-training losses of HIAST: pseudo-label CE, region-adaptive regularisation, consistency.
 
-Provenance: HIAST (Zhu et al., TPAMI 2025, arXiv 2302.06992) and IAST (Mei et al., ECCV 2020); SPEC.md
-section 4 (CE, R_c, R_i), section 5.3 (consistency) and section 9.3 (B10). Notation follows SPEC.md:
+Provenance: HIAST (Zhu et al., TPAMI 2025, arXiv 2302.06992) and IAST (Mei et al., ECCV 2020); docs/method.md
+§4 (CE, R_c, R_i), §5.3 (consistency) and B10. Notation follows docs/method.md:
 ``p = softmax(z)`` is the student's prediction on the strong view, ``ŷ`` the pseudo-label (255 = ignored),
 ``Ω_c = {i : ŷ_i ≠ 255}`` the confident region, ``Ω_ig = {i : ŷ_i = 255}`` the ignored region, ``q`` the
 teacher's probabilities on the weak view, ``C`` the number of classes.
 
-Two normalisations are offered (SPEC.md 11.1):
+Two normalisations are offered (docs/method.md §11.1):
 
 - ``"reference"`` (default) reproduces the published code, whose weights (λ_c = 0.1, λ_i = 1.0, λ_cst = 0.5)
   only make sense with it:
@@ -102,7 +102,7 @@ def region_mask(pseudo_label: torch.Tensor, region: str, ignore_index: int = 255
 
 
 def target_cross_entropy(logits: torch.Tensor, pseudo_label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Pseudo-label cross-entropy, mean over the confident region (SPEC.md 4, ``target_seg_loss``).
+    """Pseudo-label cross-entropy, mean over the confident region (docs/method.md §4, ``target_seg_loss``).
 
     Args:
         logits: student logits ``[B,C,H,W]``.

@@ -15,9 +15,9 @@ from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.io import read_label
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels, summary_table
+from hias_nb.runner import infinite_loader
 from hias_nb.selectors import ConfidenceHistogram, replay_ias
 from hias_nb.self_train import HPLATarget, PseudoLabelledTarget, SelfTrainConfig, build_hpla, self_train
-from hias_nb.train import infinite_loader
 
 
 def _pl(root, ckpt, out, **kw) -> PseudoLabelConfig:
