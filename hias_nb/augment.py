@@ -24,6 +24,12 @@ Strong view "CCA" (docs/method.md §5.5 table): three distinct operations out of
 firing with p = 0.5. Every operation reads and writes uint8-valued images: values are rounded or truncated back
 to integers in [0, 255] at the end of each operation (and of each ColorJitter sub-operation), exactly where
 OpenCV/numpy would store a uint8 (documented per operation below).
+
+`make_views` builds both views of a self-training step (and of the previews and loss maps) in one call.
+
+Why one module over 600 lines: it is the paper's view component whole; the eight CCA operations are re-implemented
+to the grey level (a library call would not give the published semantics), and the weak view, the strong view
+and the source-only photometric augmentation share the same uint8-in/uint8-out helpers.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ gamma and instance mode without the model (``replay_ias``; used by the notebooks
 
 Shapes: ``conf`` float32 ``[B,H,W]`` (max softmax probability), ``pred`` int64 ``[B,H,W]`` (argmax class);
 returned labels int64 ``[B,H,W]`` with 255 where ignored.
+
+Why one module over 600 lines: it is the paper's selection component whole — the four policies, the slow
+definition of IAS the fast one is tested against, and the histogram replay built on the same float16 code table
+and quantile. Splitting them would put the shared exact arithmetic in a third place a reader has to find.
 """
 
 from __future__ import annotations

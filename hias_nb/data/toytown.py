@@ -1,7 +1,9 @@
 """toytown: the embedded two-domain street-scene benchmark (procedural, generated from a seed).
 
-Not part of the paper: a stand-in for GTA5 -> Cityscapes (docs/method.md §1.1, 7.2) that is small enough to train on
-a CPU in minutes. Its design notes are in `docs/toytown.md`.
+Not part of the paper: a stand-in for GTA5 -> Cityscapes (docs/method.md §1.1, 7.2) that is small enough to train
+on a CPU in minutes. Its design notes are in `docs/toytown.md`. Why one module over 600 lines: the generator is
+one procedural drawing program (scene layout, each class's drawing, both domains' rendering); its parts share the
+camera geometry and the palettes and are read together.
 
 Every scene is drawn from one layout distribution: a road converging to a vanishing point, sidewalks, building
 facades with windows, verges of terrain, walls/fences/hedges, trees, poles carrying lamps, traffic lights and
@@ -74,27 +76,31 @@ PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE = range(11, 19)
 CAMERA_HEIGHT = 1.6  # metres
 FAR = 400.0  # metres: where ground strips end (they converge to the vanishing point)
 
-# Game palette (source): saturated, flat. One base colour per class; instances jitter around it or pick from
-# the class's colour list below.
-GAME_PALETTE = np.array(
-    [
-        (70, 68, 92), (196, 150, 178), (160, 112, 82), (206, 196, 150), (168, 124, 58), (70, 70, 78),
-        (40, 40, 40), (240, 200, 0), (36, 176, 52), (150, 214, 70), (70, 150, 250), (200, 60, 60),
-        (200, 60, 60), (200, 40, 40), (230, 230, 230), (250, 196, 0), (210, 36, 44), (30, 30, 200),
-        (20, 120, 200),
-    ],
-    dtype=np.float32,
-)  # fmt: skip
-# Photo palette (target): where each class's colours drift to at severity 1 (duller, real-world tones).
-PHOTO_PALETTE = np.array(
-    [
-        (118, 112, 108), (150, 144, 136), (128, 118, 108), (150, 146, 132), (126, 110, 88), (128, 128, 124),
-        (60, 62, 58), (180, 170, 70), (80, 106, 58), (128, 132, 82), (176, 192, 210), (150, 80, 80),
-        (150, 80, 80), (150, 70, 70), (190, 190, 186), (196, 150, 50), (164, 70, 70), (70, 70, 140),
-        (60, 100, 140),
-    ],
-    dtype=np.float32,
-)  # fmt: skip
+# Per class: its game colour (source: saturated, flat; instances jitter around it or pick from the class's colour
+# list below) and the photo colour it drifts to at severity 1 (target: duller, real-world tones).
+_PALETTES = [
+    ((70, 68, 92), (118, 112, 108)),  # road
+    ((196, 150, 178), (150, 144, 136)),  # sidewalk
+    ((160, 112, 82), (128, 118, 108)),  # building
+    ((206, 196, 150), (150, 146, 132)),  # wall
+    ((168, 124, 58), (126, 110, 88)),  # fence
+    ((70, 70, 78), (128, 128, 124)),  # pole
+    ((40, 40, 40), (60, 62, 58)),  # light
+    ((240, 200, 0), (180, 170, 70)),  # sign
+    ((36, 176, 52), (80, 106, 58)),  # vegetation
+    ((150, 214, 70), (128, 132, 82)),  # terrain
+    ((70, 150, 250), (176, 192, 210)),  # sky
+    ((200, 60, 60), (150, 80, 80)),  # person
+    ((200, 60, 60), (150, 80, 80)),  # rider
+    ((200, 40, 40), (150, 70, 70)),  # car
+    ((230, 230, 230), (190, 190, 186)),  # truck
+    ((250, 196, 0), (196, 150, 50)),  # bus
+    ((210, 36, 44), (164, 70, 70)),  # train
+    ((30, 30, 200), (70, 70, 140)),  # motorcycle
+    ((20, 120, 200), (60, 100, 140)),  # bicycle
+]
+GAME_PALETTE = np.array([game for game, _ in _PALETTES], dtype=np.float32)
+PHOTO_PALETTE = np.array([photo for _, photo in _PALETTES], dtype=np.float32)
 BUILDING_COLOURS = [(160, 112, 82), (186, 176, 150), (124, 124, 142), (200, 178, 120), (150, 90, 70)]
 CAR_COLOURS = [(200, 40, 40), (30, 60, 190), (230, 230, 230), (40, 40, 44), (150, 150, 156), (40, 140, 60),
                (230, 180, 20), (110, 30, 120)]  # fmt: skip
