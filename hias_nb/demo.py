@@ -80,7 +80,7 @@ class DemoConfig:
     rounds: int = 1  # on toytown a second round regresses (README, "Results"); --rounds 2 shows it
     round_lr_decay: float = 0.67  # round k trains at round.lr × this ** (k - 1): the paper's 3e-6, 2e-6, 1e-6 shape
     adabn_images: int | None = None  # target_train images for the BN re-estimates (None: all of them)
-    adabn_batch_size: int = 16
+    adabn_batch_size: int = 16  # images per forward pass of the BN re-estimates
     source: TrainConfig = field(default_factory=TrainConfig)  # source-only training (and the oracle)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)  # iterations 0: none (round 1 from AdaBN)
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)  # every round's pseudo-labels
