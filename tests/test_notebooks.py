@@ -23,7 +23,7 @@ NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 QUICK_RUN = REPO / "runs" / "tests" / "demo_quick"  # named like the notebooks' QUICK default (test_browser links it)
 # The quick demo with every training stage cut to a few iterations (same stages, files and data).
-TINY = {"source_iterations": 40, "warmup_iterations": 10, "round_iterations": 20}
+TINY = {"source.iterations": 40, "warmup.iterations": 10, "round.iterations": 20}
 TOYTOWN = REPO / "data" / "toytown"
 
 # A notebook cell may take a while on 2 shared cores (training a few iterations, building histograms).
