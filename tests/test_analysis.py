@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from hias_nb import analysis, augment, losses
+from hias_nb import analysis
 from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.evaluate import evaluate, predict_probs
 from hias_nb.io import read_json, read_label
 from hias_nb.models import DeepLabV2, load_checkpoint, write_published_layout
-from hias_nb.selectors import CBST, IAS, cbst_from_histograms, confidence_histograms, replay_ias
+from hias_nb.selectors import IAS, replay_ias
 from hias_nb.train import load_model
 
 C = 19
@@ -122,18 +122,6 @@ def test_split_iou_report(tiny_toytown, model_ckpt):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Notebook 2
-
-
-@pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
-def test_cbst_from_histograms_equals_cbst(p):
-    conf, pred = _random_stream(1)
-    rows = pd.DataFrame(confidence_histograms(conf, pred))
-    cbst = CBST(C, p=p)
-    cbst.observe(conf[:3], pred[:3])
-    cbst.observe(conf[3:], pred[3:])
-    got = cbst_from_histograms(rows, C, p)
-    np.testing.assert_array_equal(got, cbst.thresholds.numpy())
-    assert (got[5:] == 1.0).all()  # never predicted
 
 
 def test_threshold_matrix_is_the_ias_history(pseudo_dir, tmp_path):
@@ -292,82 +280,3 @@ def test_published_layout_loads_back(model_ckpt, tmp_path):
         torch.testing.assert_close(v, want[k])
     with pytest.raises(InputError):
         write_published_layout(out, tmp_path / "again.pth")  # not a hias_nb checkpoint
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Notebook 4: loss maps (hias_nb.losses.loss_maps)
-
-
-def _student_teacher(num_classes: int = 5) -> tuple[DeepLabV2, DeepLabV2]:
-    torch.manual_seed(0)
-    return (DeepLabV2("resnet10t", num_classes=num_classes, aspp_rates=(1, 2)),
-            DeepLabV2("resnet10t", num_classes=num_classes, aspp_rates=(1, 2)))  # fmt: skip
-
-
-def _batch(n: int, h: int, w: int, num_classes: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8)
-    labels = torch.randint(0, num_classes, (n, h, w), generator=g)
-    labels[torch.rand(n, h, w, generator=g) < 0.4] = IGNORE
-    return images, labels
-
-
-@pytest.mark.parametrize("normalisation", ["reference", "pixel"])
-def test_loss_maps_sum_to_the_loss_terms_on_the_training_views(normalisation):
-    student, teacher = _student_teacher()
-    images, labels = _batch(2, 24, 32)
-    maps = losses.loss_maps(student, teacher, images, labels, generator=torch.Generator().manual_seed(5),
-                            normalisation=normalisation)  # fmt: skip
-    # the views are those of make_views with the toytown crop defaults, drawn from the same generator state
-    views = augment.make_views(images, labels, generator=torch.Generator().manual_seed(5), crop_scale=(0.6, 1.0),
-                               crop_ratio=2.0)  # fmt: skip
-    np.testing.assert_array_equal(maps["weak"], views.weak.permute(0, 2, 3, 1).numpy())
-    np.testing.assert_array_equal(maps["strong"], views.strong.permute(0, 2, 3, 1).numpy())
-    np.testing.assert_array_equal(maps["label"], views.label.numpy())
-    assert maps["strong_ops"] == views.strong_ops
-    # hand-check: the scalar terms of hias_nb.losses, the teacher on the weak view and the student on the strong
-    with torch.no_grad():
-        logits = student.eval()(augment.normalize(views.strong)).float()
-        q = teacher.eval()(augment.normalize(views.weak)).float().softmax(1)
-    kld, ent = losses.region_regularization(logits, views.label, normalisation=normalisation)
-    expected = {"ce": losses.target_cross_entropy(logits, views.label), "kld": kld, "entropy": ent,
-                "consistency": losses.consistency(logits, q, views.label, normalisation=normalisation)}  # fmt: skip
-    for term in losses.LOSS_TERMS:
-        assert maps[term].shape == (2, 24, 32)
-        assert maps[term].sum() == pytest.approx(float(expected[term]), rel=1e-4), term
-        assert maps["scalars"][term] == pytest.approx(float(expected[term]), rel=1e-6), term
-    confident = views.label.numpy() != IGNORE
-    assert (maps["kld"][~confident] == 0).all() and (maps["entropy"][confident] == 0).all()
-    assert (maps["ce"][~confident] == 0).all() and (maps["consistency"][confident] == 0).all()
-    # one pixel by the formula: CE = -log p[label] / N_c
-    b, i, j = map(int, np.argwhere(confident)[0])
-    log_p = torch.log_softmax(logits[b, :, i, j].double(), 0)[int(views.label[b, i, j])]
-    assert maps["ce"][b, i, j] == pytest.approx(-float(log_p) / confident.sum(), rel=1e-4)
-
-
-def test_total_loss_map_weights_the_terms():
-    rng = np.random.default_rng(0)
-    maps = {t: rng.random((2, 3, 4)) for t in losses.LOSS_TERMS}
-    weights = {"ce": 1.0, "kld": 0.1, "entropy": 1.0, "consistency": 0.5}
-    total = losses.total_loss_map(maps, weights)
-    np.testing.assert_allclose(total, maps["ce"] + 0.1 * maps["kld"] + maps["entropy"] + 0.5 * maps["consistency"])
-    np.testing.assert_allclose(losses.total_loss_map(maps, {"kld": 2.0}), 2.0 * maps["kld"])  # others count 0
-    with pytest.raises(InputError, match="bogus"):
-        losses.total_loss_map(maps, {"bogus": 1.0})
-
-
-def test_loss_maps_blur_comes_from_the_range_scaled_to_the_crop():
-    student, teacher = _student_teacher()
-    images, labels = _batch(12, 64, 128)
-    maps = losses.loss_maps(student, teacher, images, labels, generator=torch.Generator().manual_seed(1))
-    ksizes = [params["ksize"] for ops in maps["strong_ops"] for name, params in ops if name == "gaussian_blur"]
-    assert ksizes, "no blur fired with this seed: pick another"
-    assert augment.scaled_blur_limit((64, 128)) == (3, 5)  # not the paper's 3..41 px
-    assert all(k in (3, 5) for k in ksizes)
-    assert maps["weak"].shape == maps["strong"].shape == (12, 64, 128, 3)
-    # without the strong view the student sees the weak view; the default generator is seeded (repeatable)
-    plain = losses.loss_maps(student, teacher, images, labels, strong=False)
-    np.testing.assert_array_equal(plain["strong"], plain["weak"])
-    assert plain["strong_ops"] == [[] for _ in range(12)]
-    again = losses.loss_maps(student, teacher, images, labels, strong=False)
-    np.testing.assert_array_equal(again["ce"], plain["ce"])

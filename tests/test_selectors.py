@@ -457,3 +457,23 @@ def test_ias_update_is_select():
         assert torch.equal(la, lb)
     assert torch.equal(a.thresholds, b.thresholds) and len(a.history) == 2 * 5
     assert not torch.equal(a.thresholds, torch.full((5,), 0.9, dtype=torch.float64))  # the stream moved them
+
+
+def _cbst_stream(seed: int, n: int = 6, h: int = 8, w: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    conf = 0.3 + 0.7 * torch.rand(n, h, w, generator=g)
+    pred = torch.randint(0, 5, (n, h, w), generator=g)
+    pred[:, 0, 0] = 4  # class 4 appears; classes 5.. never do
+    return conf.float(), pred
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
+def test_cbst_from_histograms_equals_cbst(p):
+    conf, pred = _cbst_stream(1)
+    rows = pd.DataFrame(confidence_histograms(conf, pred))
+    cbst = CBST(19, p=p)
+    cbst.observe(conf[:3], pred[:3])
+    cbst.observe(conf[3:], pred[3:])
+    got = cbst_from_histograms(rows, 19, p)
+    np.testing.assert_array_equal(got, cbst.thresholds.numpy())
+    assert (got[5:] == 1.0).all()  # never predicted
