@@ -45,6 +45,8 @@ __all__ = [
     "save_due",
     "InfiniteSampler",
     "infinite_loader",
+    "rank_generator",
+    "stage_batches",
     "autocast_context",
     "cpu_has_native_bf16",
     "make_scaler",
@@ -90,10 +92,12 @@ def _already_complete(out: Path, cfg: Any, done: str, name: str) -> bool:
 def run_stage(cfg: Any, name: str, done: str, build: Callable[[str, int], Stage]) -> Path:
     """Run a stage into ``cfg.out`` (resuming, skipping or refusing as above); returns the run folder.
 
-    `cfg` needs ``out``, ``device``, ``iterations``, ``batch_size``, ``checkpoint_every``, ``stop_after`` and
-    ``progress``; `done` is the final file whose presence marks a complete run; ``build(device, start)``
-    makes the stage with its data stream positioned at iteration `start`.
+    `cfg` needs ``out``, ``device``, ``iterations``, ``batch_size``, ``lr``, ``checkpoint_every``, ``stop_after``,
+    ``progress`` and ``validate()`` (checked first, for Python callers as for the command line); `done` is the
+    final file whose presence marks a complete run; ``build(device, start)`` makes the stage with its data stream
+    positioned at iteration `start`.
     """
+    cfg.validate()
     device = resolve_device(cfg.device)
     distributed.init_distributed(device)
     out = Path(cfg.out)
@@ -131,7 +135,7 @@ def _loop(stage: Stage, cfg: Any, out: Path, name: str, start: int, stop: int) -
     for it in range(start, stop):
         terms = stage.step(it)
         if not all(np.isfinite(v) for v in terms.values()):  # nothing from this step is logged or saved
-            raise RuntimeError(f"{out}: iteration {it}: non-finite loss, terms {terms}; lower the lr ({cfg.lr})")
+            raise RuntimeError(f"{out}: iteration {it + 1}: non-finite loss, terms {terms}; lower the lr ({cfg.lr})")
         bar.update(1)
         bar.set_postfix({k: f"{terms[k]:.3f}" for k in stage.postfix})
         if log is not None:
@@ -206,6 +210,19 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
                 if (pos - self.start) % self.world == self.rank:
                     yield (pos, int(perm[i])) if self.positions else int(perm[i])
                 pos += 1
+
+
+def rank_generator(device: str, seed: int) -> torch.Generator:
+    """The augmentation generator of this process: seeded by `seed` and the process's rank (``seed + 1000·rank``),
+    so ranks draw different views; saved in ``state.pt`` for an exact resumption."""
+    return torch.Generator(device=device).manual_seed(seed + 1000 * distributed.rank())
+
+
+def stage_batches(ds, cfg: Any, start: int, device: str, seed: int, workers: int = 0, positions: bool = False):
+    """This process's endless batches of `ds` (its share of ``cfg.batch_size``) in `InfiniteSampler` order seeded
+    by `seed`, positioned at iteration `start` (so a resumed run sees the batches it would have seen)."""
+    per_rank = cfg.batch_size // distributed.world_size()
+    return iter(infinite_loader(ds, per_rank, seed, start * cfg.batch_size, workers, device, positions))
 
 
 def infinite_loader(ds, batch: int, seed: int, start: int, workers: int, device: str, positions: bool = False):

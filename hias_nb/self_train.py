@@ -32,12 +32,13 @@ from hias_nb.models import checkpoint_meta, freeze_bn, save_checkpoint
 from hias_nb.pseudo_label import load_pseudo_summary
 from hias_nb.runner import (
     autocast_context,
-    infinite_loader,
     lr_factor,
     make_optimizer,
     make_scaler,
+    rank_generator,
     run_stage,
     set_lr,
+    stage_batches,
 )
 from hias_nb.train import ema_update, load_model
 
@@ -270,7 +271,7 @@ class SelfTraining:
         self.meta = checkpoint_meta(cfg.init_checkpoint)
         self.student = load_model(cfg.init_checkpoint, device, num_classes=images.protocol.num_classes)
         torch.manual_seed(cfg.seed)
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
+        self.gen = rank_generator(device, cfg.seed)
         hpla = None
         if cfg.hpla:  # HPLATarget seeds a generator per sample, so HPLA gets none here
             args = (cfg.num_hard, tuple(cfg.ignored_classes), cfg.hpla_mode, cfg.donor_drop_fraction, None)
@@ -294,9 +295,7 @@ class SelfTraining:
         self.net.train()
         freeze_bn(self.student, cfg.freeze_bn)
         pasted = HPLATarget(target, hpla, cfg.seed + 7)
-        per_rank, skip = cfg.batch_size // distributed.world_size(), start * cfg.batch_size
-        loader = infinite_loader(pasted, per_rank, cfg.seed, skip, cfg.num_workers, device, positions=True)
-        self.batches = iter(loader)
+        self.batches = stage_batches(pasted, cfg, start, device, cfg.seed, cfg.num_workers, positions=True)
 
     def step(self, it: int) -> dict[str, float]:
         cfg = self.cfg

@@ -24,7 +24,16 @@ from hias_nb.classes import IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.models import DeepLabV2, checkpoint_meta, describe_init, freeze_bn, load_checkpoint, save_checkpoint
-from hias_nb.runner import autocast_context, infinite_loader, lr_factor, make_optimizer, make_scaler, run_stage, set_lr
+from hias_nb.runner import (
+    autocast_context,
+    lr_factor,
+    make_optimizer,
+    make_scaler,
+    rank_generator,
+    run_stage,
+    set_lr,
+    stage_batches,
+)
 
 __all__ = ["TrainConfig", "SourceTraining", "train_source", "build_model", "recalibrate_bn", "ema_update", "load_model"]
 
@@ -111,13 +120,12 @@ class SourceTraining:
         self.opt = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]  # before a resumed state overwrites them
         self.scaler = make_scaler(device, cfg.amp)
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
+        self.gen = rank_generator(device, cfg.seed)
         self.parts = {"model": self.model, "optimizer": self.opt, "scaler": self.scaler, "generator": self.gen}
         self.net = distributed.wrap(self.model)
         self.net.train()
         freeze_bn(self.model, cfg.freeze_bn)
-        per_rank = cfg.batch_size // distributed.world_size()
-        self.batches = iter(infinite_loader(ds, per_rank, cfg.seed, start * cfg.batch_size, cfg.num_workers, device))
+        self.batches = stage_batches(ds, cfg, start, device, cfg.seed, cfg.num_workers)
 
     def step(self, it: int) -> dict[str, float]:
         cfg, device = self.cfg, self.device

@@ -32,7 +32,15 @@ from hias_nb.classes import IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.models import checkpoint_meta, freeze_bn, save_checkpoint
-from hias_nb.runner import autocast_context, infinite_loader, lr_factor, make_optimizer, run_stage, set_lr
+from hias_nb.runner import (
+    autocast_context,
+    lr_factor,
+    make_optimizer,
+    rank_generator,
+    run_stage,
+    set_lr,
+    stage_batches,
+)
 from hias_nb.train import load_model
 
 __all__ = [
@@ -217,7 +225,8 @@ class AdversarialWarmup:
         tgt = SegDataset(cfg.dataset, cfg.data_root, cfg.target_split, size=cfg.resize)
         self.hw = tuple(src[0]["image"].shape[-2:])
         if self.hw != tuple(tgt[0]["image"].shape[-2:]) and cfg.resize is None:
-            raise InputError(f"resize: source images are {self.hw}, target {tuple(tgt[0]['image'].shape[-2:])}")
+            hw_t = tuple(tgt[0]["image"].shape[-2:])
+            raise InputError(f"resize: source images are {self.hw}, target images {hw_t}; set resize to one size")
         num_classes = src.protocol.num_classes
         self.meta = checkpoint_meta(cfg.init_checkpoint)
         self.model = load_model(cfg.init_checkpoint, device, num_classes=num_classes)
@@ -227,7 +236,7 @@ class AdversarialWarmup:
         self.opt = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.d_lr, betas=(0.9, 0.999))  # no weight decay
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
+        self.gen = rank_generator(device, cfg.seed)
         self.parts = {
             "model": self.model,
             "discriminator": self.disc,
@@ -238,9 +247,8 @@ class AdversarialWarmup:
         self.net, self.dnet = distributed.wrap(self.model), distributed.wrap(self.disc)
         self.net.train()
         freeze_bn(self.model, cfg.freeze_bn)
-        per_rank, skip = cfg.batch_size // distributed.world_size(), start * cfg.batch_size
-        self.source = iter(infinite_loader(src, per_rank, cfg.seed, skip, 0, device))
-        self.target = iter(infinite_loader(tgt, per_rank, cfg.seed + 1, skip, 0, device))
+        self.source = stage_batches(src, cfg, start, device, cfg.seed)
+        self.target = stage_batches(tgt, cfg, start, device, cfg.seed + 1)
 
     def _weak(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -277,5 +285,4 @@ class AdversarialWarmup:
 
 def adversarial_warmup(cfg: WarmupConfig) -> Path:
     """Run the warm-up; returns the run folder (``model_final.pt``, ``discriminator_final.pt``). Resumable."""
-    cfg.validate()
     return run_stage(cfg, "warm-up", "model_final.pt", lambda device, start: AdversarialWarmup(cfg, device, start))

@@ -1,0 +1,123 @@
+"""The shared stage runner (`hias_nb.runner.run_stage`) with a small stage of its own: completion and skipping,
+exact resumption after `stop_after`, refusal of another config, the non-finite stop, and the log."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hias_nb.errors import InputError
+from hias_nb.runner import rank_generator, run_stage, save_due
+
+
+@dataclass
+class LineConfig:
+    out: str = "runs/line"
+    lr: float = 0.1
+    iterations: int = 10
+    batch_size: int = 4
+    checkpoint_every: int = 4
+    stop_after: int | None = None
+    poison_at: int | None = None  # 0-based iteration whose loss is made non-finite (logged as poison_at + 1)
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = False
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise InputError(f"lr: must be positive, got {self.lr}")
+
+
+class LineFit:
+    """Fit y = 3x − 1 from noisy draws of its own generator (whose state must survive a resumption)."""
+
+    postfix = ("loss",)
+    built = 0
+
+    def __init__(self, cfg: LineConfig, device: str, start: int) -> None:
+        LineFit.built += 1
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model = nn.Linear(1, 1)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=0.9)
+        self.gen = rank_generator(device, cfg.seed)
+        self.parts = {"model": self.model, "optimizer": self.opt, "generator": self.gen}
+
+    def step(self, it: int) -> dict[str, float]:
+        x = torch.rand(self.cfg.batch_size, 1, generator=self.gen)
+        y = 3 * x - 1 + 0.1 * torch.randn(self.cfg.batch_size, 1, generator=self.gen)
+        loss = ((self.model(x) - y) ** 2).mean()
+        if it == self.cfg.poison_at:
+            loss = loss * float("nan")
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss": loss.item(), "lr": self.cfg.lr}
+
+    def finish(self, out: Path, timing: dict[str, float]) -> None:
+        torch.save({"state_dict": self.model.state_dict(), **timing}, out / "final.pt")
+
+
+def run(cfg: LineConfig) -> Path:
+    return run_stage(cfg, "line", "final.pt", lambda device, start: LineFit(cfg, device, start))
+
+
+def rows(out: Path) -> list[dict]:
+    with (out / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_complete_run_log_final_and_skip(tmp_path):
+    out = run(LineConfig(out=str(tmp_path / "a")))
+    final = torch.load(out / "final.pt", weights_only=True)
+    assert final["iterations"] == 10 and final["seconds_per_iteration"] > 0
+    log = rows(out)
+    assert [int(r["iteration"]) for r in log] == list(range(1, 11))
+    assert list(log[0]) == ["iteration", "loss", "lr", "seconds"]
+    assert float(log[-1]["loss"]) < float(log[0]["loss"])  # it learns
+    assert torch.load(out / "state.pt", weights_only=True)["iteration"] == 10
+    built = LineFit.built
+    assert run(LineConfig(out=str(tmp_path / "a"))) == out and LineFit.built == built  # complete: nothing built
+
+
+def test_stop_after_then_resume_equals_an_uninterrupted_run(tmp_path):
+    whole = run(LineConfig(out=str(tmp_path / "whole")))
+    cfg = LineConfig(out=str(tmp_path / "parts"), stop_after=3)
+    run(cfg)
+    assert not (tmp_path / "parts" / "final.pt").exists()
+    assert torch.load(tmp_path / "parts" / "state.pt", weights_only=True)["iteration"] == 3
+    run(cfg)  # 3 more (stop_after is not part of the config check)
+    run(LineConfig(out=str(tmp_path / "parts")))
+    a = torch.load(whole / "final.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "parts" / "final.pt", weights_only=True)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit: weights, momentum and the data generator resumed
+    assert [r["loss"] for r in rows(tmp_path / "parts")] == [r["loss"] for r in rows(whole)]
+
+
+def test_another_config_is_refused_and_validate_runs_first(tmp_path):
+    run(LineConfig(out=str(tmp_path / "a"), stop_after=2))
+    with pytest.raises(InputError, match="lr"):
+        run(LineConfig(out=str(tmp_path / "a"), lr=0.05))
+    with pytest.raises(InputError, match="lr: must be positive"):
+        run(LineConfig(out=str(tmp_path / "b"), lr=-1.0))
+    assert not (tmp_path / "b").exists()  # refused before the folder is made
+
+
+def test_non_finite_loss_stops_before_anything_of_that_step_is_saved(tmp_path):
+    cfg = LineConfig(out=str(tmp_path / "a"), poison_at=6)
+    with pytest.raises(RuntimeError, match="iteration 7: non-finite"):
+        run(cfg)
+    assert torch.load(tmp_path / "a" / "state.pt", weights_only=True)["iteration"] == 4  # the last save before
+    assert [int(r["iteration"]) for r in rows(tmp_path / "a")] == [1, 2, 3, 4, 5, 6]  # no row for iteration 7
+    assert not (tmp_path / "a" / "final.pt").exists()
+
+
+def test_save_due():
+    assert [d for d in range(1, 11) if save_due(d, 4, 10)] == [4, 8, 10]
+    assert [d for d in range(1, 7) if save_due(d, 4, 6)] == [4, 6]
