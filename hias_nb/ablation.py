@@ -28,11 +28,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from hias_nb.config import write_config
 from hias_nb.data import SegDataset
 from hias_nb.demo import DemoConfig, adabn_checkpoint, demo_config, evaluate_stage, resolved_config, run_demo
 from hias_nb.io import atomic_path
-from hias_nb.runs import resolve_device
+from hias_nb.runs import claim_config, resolve_device
 from hias_nb.train import load_model, train_source
 
 __all__ = ["VARIANTS", "run_ablation", "ablation_table"]
@@ -124,7 +123,10 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     demo = {k: v for k, v in resolved_config(base).items() if k not in ("out", "seed")}  # per variant and seed
     ablation = {"seeds": list(seeds), "variants": {v: VARIANTS[v] for v in variants}, "control": control}
-    write_config(out / "config.yaml", {**ablation, "quick": quick, "demo": demo})
+    # seeds, variants and the control may be added to a finished ablation; the demo settings may not change
+    claim_config(
+        out / "config.yaml", {**ablation, "quick": quick, "demo": demo}, ("seeds", "variants", "control", "demo.device")
+    )
     rows: list[dict] = []
     for seed in seeds:
         seed_dir = out / f"seed_{seed}"

@@ -23,9 +23,8 @@ from typing import Any, TypeVar
 import yaml
 
 from hias_nb.errors import InputError
-from hias_nb.io import atomic_path
 
-__all__ = ["load_config", "override", "parse_overrides", "config_to_dict", "write_config", "coerce"]
+__all__ = ["load_config", "override", "parse_overrides", "config_to_dict", "coerce"]
 
 T = TypeVar("T")
 
@@ -250,9 +249,3 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-
-
-def write_config(path: str | Path, config: dict[str, Any]) -> None:
-    """Write a resolved config (a `config_to_dict` result) as YAML, atomically, in field order."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from hias_nb.classes import get_protocol
-from hias_nb.config import config_to_dict, load_config, override, write_config
+from hias_nb.config import config_to_dict, load_config, override
 from hias_nb.data import SegDataset
 from hias_nb.data.toytown import ensure_toytown
 from hias_nb.errors import InputError
@@ -35,7 +35,7 @@ from hias_nb.evaluate import EvalResult, evaluate, report_table, stage_entry, wr
 from hias_nb.io import read_json, write_json
 from hias_nb.models import checkpoint_meta, save_checkpoint
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
-from hias_nb.runs import resolve_device
+from hias_nb.runs import claim_config, resolve_device
 from hias_nb.self_train import SelfTrainConfig, self_train
 from hias_nb.train import TrainConfig, load_model, recalibrate_bn, train_source
 from hias_nb.warmup import WarmupConfig, adversarial_warmup
@@ -60,6 +60,9 @@ SECTIONS = ("source", "warmup", "pseudo", "round")  # the DemoConfig fields that
 PER_STAGE = frozenset(
     {"out", "dataset", "data_root", "split", "init_checkpoint", "checkpoint", "pseudo_dir", "device", "seed"}
 )
+
+# Demo keys that may differ when a demo folder is re-used: where and on what it runs, and stages added to it.
+RESUME_FREE = ("out", "device", "rounds", "oracle")
 
 
 @dataclass
@@ -204,7 +207,7 @@ def run_demo(quick: bool = False, config: str | Path | None = None, **overrides:
     out_dir.mkdir(parents=True, exist_ok=True)
     # a resumed demo's wall_seconds cover this call only; the report says so
     resumed = any(out_dir.glob("*/eval*.json"))
-    write_config(out_dir / "config.yaml", resolved_config(cfg))
+    claim_config(out_dir / "config.yaml", resolved_config(cfg), RESUME_FREE)  # refuses another demo's folder
     print(f"[demo] toytown in {cfg.data_root}")
     ensure_toytown(cfg.data_root, images=cfg.images, seed=cfg.data_seed, size=cfg.size)
     stages, students = _run_stages(cfg, plan, device)

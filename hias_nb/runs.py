@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from hias_nb.config import config_to_dict
 from hias_nb.errors import InputError
 from hias_nb.io import atomic_path
 
-__all__ = ["prepare_run_dir", "save_state", "load_state", "CsvLog", "resolve_device"]
+__all__ = ["prepare_run_dir", "claim_config", "save_state", "load_state", "CsvLog", "resolve_device"]
 
 # Keys that may change between an interrupted run and its resumption without changing the result.
 _RESUME_FREE = {"out", "device", "num_workers", "progress", "stop_after"}  # "out": a moved run still resumes
@@ -30,11 +31,33 @@ def prepare_run_dir(out: str | Path, cfg: Any) -> Path:
     """Create `out` and write ``config.yaml``; an existing run must have the same config (except device etc.)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    new = config_to_dict(cfg)
-    path = out / "config.yaml"
+    claim_config(out / "config.yaml", config_to_dict(cfg), _RESUME_FREE)
+    return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys (``{"round": {"lr": 1}}`` → ``{"round.lr": 1}``)."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def claim_config(path: Path, config: dict[str, Any], free: Collection[str] = ()) -> None:
+    """Write `config` as a folder's ``config.yaml`` unless the folder holds a run with another one: an existing
+    file must agree on every key (dotted for nested settings) except those in `free` and below them, else
+    `InputError` naming the first key that differs, with nothing written."""
+    new = _flat(config)
     if path.exists():
-        old = yaml.safe_load(path.read_text()) or {}
-        diff = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE and old.get(k) != new.get(k))
+        old = _flat(yaml.safe_load(path.read_text()) or {})
+        loose = tuple(free)
+        diff = sorted(
+            k for k in set(old) | set(new) if not k.startswith(tuple(f + "." for f in loose)) and k not in loose
+            and old.get(k) != new.get(k)
+        )  # fmt: skip
         if diff:
             k = diff[0]
             raise InputError(
@@ -42,8 +65,7 @@ def prepare_run_dir(out: str | Path, cfg: Any) -> Path:
                 f"{new.get(k)!r} now); choose another --out or delete the folder"
             )
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(new, sort_keys=False))
-    return out
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pytest
+import yaml
 
 from hias_nb.config import config_to_dict, load_config, parse_overrides
 from hias_nb.errors import InputError
@@ -185,3 +186,31 @@ def test_paper_configs_set_the_paper_values():
     assert (pl.alpha, pl.beta, pl.gamma, pl.policy) == (0.5, 0.9, 8.0, "ias")
     st = load_config(SelfTrainConfig, configs / "hiast_gta5_round1.yaml")
     assert (st.iterations, st.lr, st.head_lr_mult, st.ema_gamma, st.batch_size) == (8000, 3e-6, 10.0, 0.999, 6)
+
+
+def test_claim_config_refuses_another_run_and_allows_free_keys(tmp_path):
+    from hias_nb.runs import claim_config
+
+    path = tmp_path / "config.yaml"
+    claim_config(path, {"rounds": 1, "round": {"lr": 1e-4, "iterations": 5}}, ("rounds",))
+    claim_config(path, {"rounds": 2, "round": {"lr": 1e-4, "iterations": 5}}, ("rounds",))  # a free key
+    assert yaml.safe_load(path.read_text())["rounds"] == 2
+    before = path.read_text()
+    with pytest.raises(InputError, match=r"round\.lr: 0\.0001 there, 0\.001 now"):
+        claim_config(path, {"rounds": 2, "round": {"lr": 1e-3, "iterations": 5}}, ("rounds",))
+    assert path.read_text() == before  # nothing written
+
+
+def test_demo_refuses_a_folder_of_another_demo_before_any_work(tmp_path):
+    from hias_nb.demo import demo_config, resolved_config, run_demo
+    from hias_nb.runs import claim_config
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    first = demo_config(True, overrides={"out": str(out), "data_root": str(tmp_path / "toytown")})
+    claim_config(out / "config.yaml", resolved_config(first))
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(InputError, match=r"pseudo\.alpha"):
+        run_demo(quick=True, out=str(out), data_root=str(tmp_path / "toytown"), alpha=0.3)
+    assert (out / "config.yaml").read_text() == before
+    assert not (tmp_path / "toytown").exists() and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
