@@ -788,16 +788,19 @@ def make_views(
     provenance: Tensor | None = None,
     *,
     generator: torch.Generator,
+    crop_scale: tuple[float, float],
+    crop_ratio: float,
     crop_size: tuple[int, int] | None = None,
     crop_height_range: tuple[int, int] | None = None,
-    crop_scale: tuple[float, float] = (0.6, 1.0),
-    crop_ratio: float = 2.0,
     strong: bool = True,
     blur_limit: tuple[int, int] | None = None,
 ) -> Views:
-    """Weak view (flip + random-sized crop to `crop_size`, default the input size) and, on it, the strong view
-    (CCA; with ``strong=False`` the student sees the weak view). The one place training, the HPLA preview and
-    the loss maps build their views, so all three draw the same operations from the same `generator` state.
+    """Weak view (flip + random-sized crop: height `crop_height_range` in pixels, else `crop_scale` × the input
+    height, width/height `crop_ratio`, resized to `crop_size`, default the input size) and, on it, the strong
+    view (CCA; with ``strong=False`` the student sees the weak view). The crop settings are the caller's stage
+    config's (no defaults here, so a stage's config stays the one place they are set). The one place training,
+    the HPLA preview and the loss maps build their views, so all three draw the same operations from the same
+    `generator` state.
 
     Shape: ``images`` uint8 ``[B,3,H,W]``, ``label``/``provenance`` int64 ``[B,H,W]`` (provenance: HPLA's pasted
     class per pixel, 255 elsewhere; None = nothing pasted). `blur_limit` None scales the paper's 3–41 px kernels

@@ -24,7 +24,7 @@ autocast the elementwise ops used here are not down-cast, so casting the logits 
 `region_regularization_maps` and ``consistency(..., reduction="none")`` return the unnormalised per-pixel
 values that the scalar losses sum, for display in the notebooks; each scalar equals its map's sum divided by
 the normaliser above. ``loss_maps`` (at the end) computes them for a student and a teacher on the views of a
-training step (``augment.make_views``), already normalised, and ``total_loss_map`` weights them with the λ of a
+training step (``self_train.round_views``), already normalised, and ``total_loss_map`` weights them with the λ of a
 round.
 """
 
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hias_nb import augment
+from hias_nb.classes import IGNORE
 from hias_nb.errors import InputError
 
 __all__ = [
@@ -219,10 +220,10 @@ def _normalised_term_maps(
 ) -> dict[str, torch.Tensor]:
     """Each term's per-pixel value ``[B,H,W]`` divided by that term's normaliser (module docstring), so that a
     map's sum is the scalar term."""
-    confident = pseudo_label != 255
+    confident = pseudo_label != IGNORE
     per_class = logits.shape[1] if normalisation == "reference" else 1
     n_conf, n_ign = max(int(confident.sum()), 1), max(int((~confident).sum()), 1)
-    ce = F.cross_entropy(logits, pseudo_label, ignore_index=255, reduction="none")
+    ce = F.cross_entropy(logits, pseudo_label, ignore_index=IGNORE, reduction="none")
     kld, entropy = region_regularization_maps(logits, pseudo_label)
     region = region_mask(pseudo_label, cst_region)
     if normalisation == "reference":  # the published count: non-zero entries of the masked [B,C,H,W] product
@@ -242,24 +243,13 @@ def _normalised_term_maps(
 def loss_maps(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    generator: torch.Generator | None = None,
-    strong: bool = True,
+    views: augment.Views,
     cst_region: str = "ignored",
     normalisation: str = "reference",
-    crop_size: tuple[int, int] | None = None,
-    crop_scale: tuple[float, float] = (0.6, 1.0),
-    crop_ratio: float = 2.0,
 ) -> dict:
-    """Per-pixel contributions of each self-training loss term on a batch, with the views of a training step
-    (docs/method.md §4, §5.3).
-
-    The views come from ``augment.make_views``, as in training: the teacher sees the weak view of ``images``
-    (uint8 ``[B,3,H,W]``: flip and random-sized crop, height ``crop_scale`` × H, width/height ``crop_ratio``,
-    resized to `crop_size`, default the input size), the student the strong view of it (CCA, blur kernels
-    scaled to the crop size; ``strong=False``: the weak view), and the pseudo-label `labels` ``[B,H,W]`` moves
-    with the weak view. `generator` draws the views (None: a CPU generator seeded 0).
+    """Per-pixel contributions of each self-training loss term on the views of a training step (docs/method.md
+    §4, §5.3): the teacher on ``views.weak``, the student on ``views.strong``, the pseudo-label ``views.label``
+    (the views of a round come from ``self_train.round_views``, as in training).
 
     Each map ``[B,h,w]`` is the term's per-pixel value divided by the term's normaliser, so ``map.sum()`` is the
     scalar term of this module (``ce`` and ``kld`` on the confident region, ``entropy`` on the ignored region,
@@ -269,12 +259,6 @@ def loss_maps(
     """
     student.eval()
     teacher.eval()
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    views = augment.make_views(
-        images, labels.to(images.device), generator=generator, crop_size=crop_size, crop_scale=crop_scale,
-        crop_ratio=crop_ratio, strong=strong,
-    )  # fmt: skip
     logits = student(augment.normalize(views.strong)).float()
     teacher_probs = teacher(augment.normalize(views.weak)).float().softmax(1)
     label = views.label

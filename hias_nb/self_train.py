@@ -47,6 +47,7 @@ __all__ = [
     "PseudoLabelledTarget",
     "HPLATarget",
     "build_hpla",
+    "round_views",
     "hiast_step",
     "SelfTraining",
     "self_train",
@@ -186,6 +187,22 @@ def build_hpla(
     return HPLA(hard, probs, donors, target.load, mode=mode, generator=generator)
 
 
+def round_views(
+    cfg: SelfTrainConfig,
+    images: torch.Tensor,
+    pseudo: torch.Tensor,
+    provenance: torch.Tensor | None,
+    generator: torch.Generator,
+) -> augment.Views:
+    """The views of a round (`cfg`'s crop and strong-view settings): what `hiast_step`, the HPLA preview and the
+    loss maps see. Shapes as `augment.make_views`."""
+    return augment.make_views(
+        images, pseudo, provenance, generator=generator, crop_size=cfg.crop_size,
+        crop_height_range=cfg.crop_height_range, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
+        strong=cfg.strong,
+    )  # fmt: skip
+
+
 def hiast_step(
     student: nn.Module,
     teacher: nn.Module,
@@ -210,11 +227,7 @@ def hiast_step(
     images, pseudo, provenance = (batch[k].to(device) for k in ("image", "label", "provenance"))
     # 2. Views: weak (flip + random-sized crop) for the teacher, strong (CCA colour ops on the weak view) for the
     #    student; the pseudo-label and the provenance move with the weak view's geometry.
-    v = augment.make_views(
-        images, pseudo, provenance, generator=generator, crop_size=cfg.crop_size,
-        crop_height_range=cfg.crop_height_range, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
-        strong=cfg.strong,
-    )  # fmt: skip
+    v = round_views(cfg, images, pseudo, provenance, generator)
     # 3. Teacher (EMA, eval mode) on the weak view: soft targets q, no graph.
     with torch.no_grad(), autocast_context(device, cfg.amp):
         q = teacher(augment.normalize(v.weak)).float().softmax(1)  # [B,C,h,w]

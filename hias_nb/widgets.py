@@ -30,14 +30,14 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from hias_nb import analysis, augment, losses, viz
+from hias_nb import analysis, losses, viz
 from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
-from hias_nb.config import load_config
+from hias_nb.config import config_to_dict, load_config
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA, Draw
-from hias_nb.pseudo_label import load_pseudo_summary
+from hias_nb.pseudo_label import PseudoLabelConfig, load_pseudo_summary
 from hias_nb.selectors import ConfidenceHistogram, cbst_from_histograms, replay_ias
-from hias_nb.self_train import PseudoLabelledTarget, SelfTrainConfig, build_hpla
+from hias_nb.self_train import PseudoLabelledTarget, SelfTrainConfig, build_hpla, round_views
 from hias_nb.train import TrainConfig, load_model, train_source
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "hpla_preview",
     "hpla_preview_figure",
     "HPLAPreview",
+    "loss_weights",
     "LossMapExplorer",
     "round_config",
 ]
@@ -129,26 +130,26 @@ class ThresholdReplay:
     def __init__(self, pseudo_dir: str | os.PathLike, hard: tuple[int, ...] = (), constant: float | None = 0.9):
         folder = Path(pseudo_dir)
         summary = load_pseudo_summary(folder)
-        cfg = summary["config"]
+        cfg = {**config_to_dict(PseudoLabelConfig()), **summary["config"]}  # a key the folder lacks: the default
         self.classes = list(summary["classes"])
         self.num_classes = len(self.classes)
-        self.batch_size = int(cfg.get("batch_size", 2))
-        self.init = float(cfg.get("init", 0.9))
+        self.batch_size = int(cfg["batch_size"])
+        self.init = float(cfg["init"])
         path = folder / "histograms.parquet"
         if not path.exists():
             raise InputError(f"{path}: no confidence histograms to replay")
         rows = pd.read_parquet(path)
         self.hist = ConfidenceHistogram(rows, self.num_classes)
         self.pixels = int(rows["count"].sum())
-        self.cbst = cbst_from_histograms(rows, self.num_classes, float(cfg.get("cbst_p", 0.2)))
+        self.cbst = cbst_from_histograms(rows, self.num_classes, float(cfg["cbst_p"]))
         style = {"description_width": "60px"}
-        self.alpha = W.FloatSlider(value=float(cfg.get("alpha", 0.2)), min=0.01, max=1.0, step=0.01,
+        self.alpha = W.FloatSlider(value=float(cfg["alpha"]), min=0.01, max=1.0, step=0.01,
                                    description="α", continuous_update=False, style=style)  # fmt: skip
-        self.beta = W.FloatSlider(value=float(cfg.get("beta", 0.9)), min=0.0, max=0.99, step=0.01,
+        self.beta = W.FloatSlider(value=float(cfg["beta"]), min=0.0, max=0.99, step=0.01,
                                   description="β", continuous_update=False, style=style)  # fmt: skip
-        self.gamma = W.FloatSlider(value=float(cfg.get("gamma", 8.0)), min=0.0, max=20.0, step=0.5,
+        self.gamma = W.FloatSlider(value=float(cfg["gamma"]), min=0.0, max=20.0, step=0.5,
                                    description="γ", continuous_update=False, style=style)  # fmt: skip
-        self.instance = W.ToggleButtons(options=["batch", "image"], value=str(cfg.get("instance", "batch")),
+        self.instance = W.ToggleButtons(options=["batch", "image"], value=str(cfg["instance"]),
                                         description="instance", style=style)  # fmt: skip
         self.image = _image_widget()
         self.status = W.HTML()
@@ -225,22 +226,18 @@ def hpla_preview(
     target: PseudoLabelledTarget,
     recipient: int | str,
     generator: torch.Generator,
-    crop_scale: tuple[float, float] = (0.6, 1.0),
-    crop_ratio: float = 2.0,
+    config: SelfTrainConfig | None = None,
 ) -> HPLASample:
     """Apply `hpla` to one target sample and build the weak and strong views of the result, as self-training
-    does (HPLA at full resolution, then ``augment.make_views``: flip + random-sized crop to the input size, then
-    CCA on the weak view with the blur range scaled to it). `recipient` is a dataset index or an image name;
-    the class and donor draws use ``hpla``'s own generator, the views `generator`."""
+    does (HPLA at full resolution, then ``self_train.round_views`` with the round's `config`, default
+    ``SelfTrainConfig()``: flip + random-sized crop, then CCA on the weak view). `recipient` is a dataset index
+    or an image name; the class and donor draws use ``hpla``'s own generator, the views `generator`."""
     index = target.index_of[recipient] if isinstance(recipient, str) else int(recipient)
     item = target[index]
     image, label = item["image"], item["label"]
     result, result_label, provenance = hpla(image, label)
     donors = [(d.donor, *target.load(d.donor)) for d in hpla.last_draws]
-    views = augment.make_views(
-        result[None], result_label[None], provenance[None], generator=generator, crop_scale=crop_scale,
-        crop_ratio=crop_ratio,
-    )  # fmt: skip
+    views = round_views(config or SelfTrainConfig(), result[None], result_label[None], provenance[None], generator)
     return HPLASample(
         recipient_name=item["name"],
         recipient=_hwc(image),
@@ -296,7 +293,8 @@ class HPLAPreview:
     Args:
         pseudo_dir: a pseudo-label folder (its class values, donors and labels).
         data_root, dataset, split: where its target images are.
-        num_hard: size of the hard set (docs/method.md §3.1; 14 in the paper).
+        config: the round's settings (hard-set size, HPLA mode to start with, donor drop fraction, views);
+            default ``SelfTrainConfig()``.
         seed: seed of the draws; each redraw continues the same generators.
     """
 
@@ -306,21 +304,21 @@ class HPLAPreview:
         data_root: str | os.PathLike,
         dataset: str = "toytown",
         split: str = "target_train",
-        num_hard: int = 14,
+        config: SelfTrainConfig | None = None,
         seed: int = 0,
         max_names: int = 50,
     ):
         from hias_nb.data import SegDataset
 
         self.pseudo_dir = Path(pseudo_dir)
-        self.num_hard = num_hard
+        self.config = config or SelfTrainConfig()
         self.target = PseudoLabelledTarget(SegDataset(dataset, data_root, split), self.pseudo_dir)
         self.classes = list(load_pseudo_summary(self.pseudo_dir)["classes"])
         self.hpla_generator = torch.Generator().manual_seed(seed)
         self.view_generator = torch.Generator().manual_seed(seed + 1)
         names = [s.id for s in self.target.images.samples[:max_names]]
         self.recipient = W.Dropdown(options=["random", *names], value="random", description="recipient")
-        self.mode = W.ToggleButtons(options=["reference", "intended"], value="reference", description="mode")
+        self.mode = W.ToggleButtons(options=["reference", "intended"], value=self.config.hpla_mode, description="mode")
         self.button = W.Button(description="draw again")
         self.image = _image_widget()
         self.info = W.HTML()
@@ -333,7 +331,10 @@ class HPLAPreview:
         self.widget = W.VBox([W.HBox([self.recipient, self.button]), self.mode, self.info, self.image])
 
     def _build(self) -> HPLA:
-        return build_hpla(self.pseudo_dir, self.target, self.num_hard, (), self.mode.value, 0.1, self.hpla_generator)
+        cfg = self.config
+        ignored = tuple(cfg.ignored_classes)
+        return build_hpla(self.pseudo_dir, self.target, cfg.num_hard, ignored, self.mode.value,
+                          cfg.donor_drop_fraction, self.hpla_generator)  # fmt: skip
 
     def _on_mode(self, _change=None) -> None:
         self.hpla = self._build()
@@ -344,7 +345,7 @@ class HPLAPreview:
         choice = self.recipient.value
         if choice == "random":
             choice = int(torch.randint(len(self.target), (1,), generator=self.hpla_generator))
-        self.sample = hpla_preview(self.hpla, self.target, choice, self.view_generator)
+        self.sample = hpla_preview(self.hpla, self.target, choice, self.view_generator, self.config)
         fig = hpla_preview_figure(self.sample, self.classes)
         self.image.value = figure_png(fig, dpi=90)
         pasted = float((self.sample.provenance != IGNORE).mean())
@@ -356,11 +357,17 @@ class HPLAPreview:
 # Loss maps
 
 
+def loss_weights(cfg: SelfTrainConfig) -> dict[str, float]:
+    """The round's λ per loss term (``losses.LOSS_TERMS``)."""
+    return {"ce": cfg.lambda_ce, "kld": cfg.lambda_kld, "entropy": cfg.lambda_ent, "consistency": cfg.lambda_cst}
+
+
 class LossMapExplorer:
     """Per-pixel loss terms on a batch of pseudo-labelled target images, with a checkbox per term.
 
-    The maps are computed once (``losses.loss_maps``: teacher on the weak view, student on the strong view, as
-    in training); the checkboxes switch a term's λ between its value in `weights` and 0 and the slider picks the image.
+    The maps are computed once (``losses.loss_maps`` on ``self_train.round_views``: teacher on the weak view,
+    student on the strong view, as in training, with the round's `config`, default ``SelfTrainConfig()``); the
+    checkboxes switch a term's λ between the round's value and 0, and the slider picks the image.
     ``total`` is the weighted total map ``[B,H,W]`` currently drawn; its sum is the total loss of the batch.
     """
 
@@ -370,7 +377,7 @@ class LossMapExplorer:
         teacher_checkpoint: str | os.PathLike,
         target: PseudoLabelledTarget,
         device: str,
-        weights: dict[str, float] | None = None,
+        config: SelfTrainConfig | None = None,
         indices: tuple[int, ...] = (0, 1, 2, 3),
         seed: int = 0,
     ):
@@ -378,9 +385,10 @@ class LossMapExplorer:
         items = [target[i] for i in indices]
         images = torch.stack([it["image"] for it in items]).to(device)
         labels = torch.stack([it["label"] for it in items]).to(device)
-        generator = torch.Generator(device=images.device).manual_seed(seed)
-        self.maps = losses.loss_maps(student, teacher, images, labels, generator=generator)
-        self.weights = dict(weights or {"ce": 1.0, "kld": 0.1, "entropy": 1.0, "consistency": 0.5})
+        cfg = config or SelfTrainConfig()
+        views = round_views(cfg, images, labels, None, torch.Generator(device=images.device).manual_seed(seed))
+        self.maps = losses.loss_maps(student, teacher, views, cfg.cst_region, cfg.normalisation)
+        self.weights = loss_weights(cfg)
         self.checks = {t: W.Checkbox(value=True, description=f"{t} (λ={self.weights.get(t, 0.0):g})")
                        for t in losses.LOSS_TERMS}  # fmt: skip
         self.index = W.IntSlider(value=0, min=0, max=len(indices) - 1, description="image")

@@ -156,7 +156,7 @@ def test_make_views_is_weak_then_strong_on_one_generator():
 def test_make_views_options():
     img = rand_images(2, 20, 40, seed=6)
     lab = torch.randint(0, 5, (2, 20, 40), generator=gen(7))
-    v = make_views(img, lab, generator=gen(8), strong=False, crop_size=(10, 20))
+    v = make_views(img, lab, generator=gen(8), strong=False, crop_size=(10, 20), crop_scale=(0.6, 1.0), crop_ratio=2.0)
     assert v.strong is v.weak and v.weak.shape == (2, 3, 10, 20) and v.strong_ops == [[], []]
     assert (v.provenance == 255).all() and v.provenance.shape == (2, 10, 20)
     assert crop_heights((7, 9), (0.1, 0.2), 100) == (7, 9) and crop_heights(None, (0.5, 1.0), 20) == (10, 20)

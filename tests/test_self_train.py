@@ -12,7 +12,7 @@ from torch import nn
 
 from hias_nb import augment
 from hias_nb.losses import consistency, region_regularization, target_cross_entropy
-from hias_nb.self_train import SelfTrainConfig, hiast_step
+from hias_nb.self_train import SelfTrainConfig, hiast_step, round_views
 
 C = 4
 
@@ -63,8 +63,9 @@ def test_hiast_step_terms_gradients_step_and_ema(ignored_fraction, normalisation
     ref_student, t0 = copy.deepcopy(student), [p.clone() for p in teacher.parameters()]
     views_gen = torch.Generator().manual_seed(5)
     v = augment.make_views(
-        batch["image"], batch["label"], batch["provenance"], generator=views_gen, crop_scale=(0.5, 1.0)
+        batch["image"], batch["label"], batch["provenance"], generator=views_gen, crop_scale=(0.5, 1.0), crop_ratio=2.0
     )
+
     logits = ref_student(augment.normalize(v.strong))
     with torch.no_grad():
         q = teacher(augment.normalize(v.weak)).softmax(1)
@@ -114,3 +115,20 @@ def test_hiast_step_weights_and_views():
     cfg = SelfTrainConfig(amp=False, strong=False, normalisation="pixel", ema_gamma=1.0)
     terms = hiast_step(twin, teacher, opt, scaler, batch, cfg, torch.Generator().manual_seed(0), "cpu")
     assert terms["consistency"] == pytest.approx(terms["entropy"], rel=1e-5)
+
+
+def test_round_views_use_the_rounds_settings_and_the_scaled_blur():
+    """The views of a round (hiast_step, HPLA preview, loss maps) come from its config: crop settings and a
+    strong view whose blur kernels are scaled to the crop (3 or 5 px at 64×128, not the paper's 3..41)."""
+    images = torch.randint(0, 256, (12, 3, 64, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pseudo = torch.zeros(12, 64, 128, dtype=torch.int64)
+    cfg = SelfTrainConfig(crop_scale=(0.5, 0.5), crop_size=(32, 64))
+    v = round_views(cfg, images, pseudo, None, torch.Generator().manual_seed(1))
+    ksizes = [p["ksize"] for ops in v.strong_ops for name, p in ops if name == "gaussian_blur"]
+    assert ksizes and all(k == 3 for k in ksizes)  # scaled to the 32-row crop: (3, 3)
+    assert v.weak.shape == (12, 3, 32, 64) and (v.provenance == 255).all()
+    full = round_views(SelfTrainConfig(), images, pseudo, None, torch.Generator().manual_seed(1))
+    ksizes = [p["ksize"] for ops in full.strong_ops for name, p in ops if name == "gaussian_blur"]
+    assert ksizes and set(ksizes) <= {3, 5}
+    plain = round_views(SelfTrainConfig(strong=False), images, pseudo, None, torch.Generator().manual_seed(1))
+    assert plain.strong is plain.weak and torch.equal(plain.weak, full.weak)  # the same weak draws

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from hias_nb import analysis, augment, widgets
+from hias_nb import analysis, widgets
 from hias_nb.classes import IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
 from hias_nb.selectors import IAS, replay_ias
-from hias_nb.self_train import PseudoLabelledTarget
+from hias_nb.self_train import PseudoLabelledTarget, SelfTrainConfig, round_views
 from hias_nb.train import TrainConfig
 
 C = 19
@@ -95,10 +95,10 @@ def test_hpla_preview_arrays_are_consistent(argmax_dir, pseudo_dir, tiny_toytown
             # the weak view moved label and provenance together: pasted pixels keep their pasted class
             wp = s.weak_provenance != IGNORE
             np.testing.assert_array_equal(s.weak_label[wp], s.weak_provenance[wp])
-    # the views are make_views' (the training pipeline) of the result, from the same generator state
+    # the views are the round's (the training pipeline) of the result, from the same generator state
     chw = lambda a: torch.from_numpy(a)[None]  # noqa: E731
-    views = augment.make_views(chw(s.result).permute(0, 3, 1, 2), chw(s.result_label), chw(s.provenance),
-                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+    views = round_views(SelfTrainConfig(), chw(s.result).permute(0, 3, 1, 2), chw(s.result_label), chw(s.provenance),
+                        torch.Generator().manual_seed(1))  # fmt: skip
     np.testing.assert_array_equal(s.weak, views.weak[0].permute(1, 2, 0).numpy())
     np.testing.assert_array_equal(s.strong, views.strong[0].permute(1, 2, 0).numpy())
     np.testing.assert_array_equal(s.weak_label, views.label[0].numpy())
