@@ -30,6 +30,7 @@ import yaml
 
 from hias_nb.data import SegDataset
 from hias_nb.demo import DemoConfig, adabn_checkpoint, demo_config, evaluate_stage, resolved_config, run_demo
+from hias_nb.errors import InputError
 from hias_nb.io import atomic_path
 from hias_nb.runs import claim_config, resolve_device
 from hias_nb.train import load_model, train_source
@@ -117,6 +118,8 @@ def run_ablation(
     `config` (a demo YAML file) and `overrides` (keys as on the demo's command line; `device` and `data_root`
     too, where given) apply to every variant and the control (e.g. shorter runs in tests)."""
     out = Path(out)
+    if "seed" in overrides:  # each variant runs once per seed of `seeds`; a fixed seed would silently be dropped
+        raise InputError(f"seed: the ablation runs every seed of --seeds ({list(seeds)}); give --seeds instead")
     given = {k: v for k, v in (("device", device), ("data_root", data_root)) if v is not None}
     base = demo_config(quick, config, {**overrides, **given})  # checks every key once, before anything runs
     overrides = {**overrides, **given, "device": resolve_device(base.device)}

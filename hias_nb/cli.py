@@ -27,7 +27,11 @@ class _Parser(argparse.ArgumentParser):
 def _config_parser(sub, name: str, help_text: str, keys: str, config_help: str) -> argparse.ArgumentParser:
     """A command configured by ``--config FILE`` and ``--key value`` overrides; `keys` lists them in --help."""
     p = sub.add_parser(
-        name, help=help_text, description=f"{help_text}\n\n{keys}", formatter_class=argparse.RawDescriptionHelpFormatter
+        name,
+        help=help_text,
+        description=f"{help_text}\n\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # "--seed" must not silently mean "--seeds": unknown keys go to the config check
     )
     p.add_argument("--config", help=config_help)
     return p

@@ -65,6 +65,8 @@ def test_help_for_every_command(capsys):
         (["demo", "--config", "/nonexistent/demo.yaml"], "/nonexistent/demo.yaml"),
         (["demo", "--warmup.iterations", "-1"], "warmup.iterations"),
         (["ablation", "--alhpa", "0.2"], "did you mean alpha"),
+        (["ablation", "--seed", "3"], "give --seeds instead"),  # not read as an abbreviation of --seeds
+        (["train-source", "--conf", "x.yaml"], "'conf'"),  # nor --conf as --config
         (["warmup", "--adv_weight", "-1"], "adv_weight"),
         (["warmup", "--d_input", "logits"], "d_input"),
     ],
