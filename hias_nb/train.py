@@ -19,21 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hias_nb import augment, distributed
+from hias_nb import augment, distributed, runner
 from hias_nb.classes import IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.models import DeepLabV2, checkpoint_meta, describe_init, freeze_bn, load_checkpoint, save_checkpoint
-from hias_nb.runner import (
-    autocast_context,
-    lr_factor,
-    make_optimizer,
-    make_scaler,
-    rank_generator,
-    run_stage,
-    set_lr,
-    stage_batches,
-)
 
 __all__ = ["TrainConfig", "SourceTraining", "train_source", "build_model", "recalibrate_bn", "ema_update", "load_model"]
 
@@ -117,15 +107,15 @@ class SourceTraining:
         freeze_bn(self.model, cfg.freeze_bn)
         if distributed.is_main():
             print(describe_init(self.model))
-        self.opt = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+        self.opt = runner.make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]  # before a resumed state overwrites them
-        self.scaler = make_scaler(device, cfg.amp)
-        self.gen = rank_generator(device, cfg.seed)
+        self.scaler = runner.make_scaler(device, cfg.amp)
+        self.gen = runner.rank_generator(device, cfg.seed)
         self.parts = {"model": self.model, "optimizer": self.opt, "scaler": self.scaler, "generator": self.gen}
         self.net = distributed.wrap(self.model)
         self.net.train()
         freeze_bn(self.model, cfg.freeze_bn)
-        self.batches = stage_batches(ds, cfg, start, device, cfg.seed, cfg.num_workers)
+        self.batches = runner.stage_batches(ds, cfg, start, device, cfg.seed, cfg.num_workers)
 
     def step(self, it: int) -> dict[str, float]:
         cfg, device = self.cfg, self.device
@@ -138,8 +128,8 @@ class SourceTraining:
         images = views.weak
         if cfg.photometric > 0:  # so the source model's BatchNorm statistics do not encode the source palette
             images = augment.photometric(images, generator=self.gen, strength=cfg.photometric)
-        lr = set_lr(self.opt, self.base_lrs, lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup))
-        with autocast_context(device, cfg.amp):
+        lr = runner.set_lr(self.opt, self.base_lrs, runner.lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup))
+        with runner.autocast_context(device, cfg.amp):
             logits = self.net(augment.normalize(images))
         loss = F.cross_entropy(logits.float(), views.label, ignore_index=IGNORE)
         self.opt.zero_grad(set_to_none=True)
@@ -164,7 +154,7 @@ class SourceTraining:
 def train_source(cfg: TrainConfig) -> Path:
     """Train on a labelled split; returns ``model_final.pt`` (``state.pt`` when paused by ``stop_after``).
     Re-running resumes, or returns at once when the run is complete."""
-    out = run_stage(
+    out = runner.run_stage(
         cfg, f"train {cfg.split}", "model_final.pt", lambda device, start: SourceTraining(cfg, device, start)
     )
     final = out / "model_final.pt"

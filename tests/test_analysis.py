@@ -23,14 +23,6 @@ from hias_nb.train import load_model
 C = 19
 
 
-def _random_stream(seed: int, n: int = 6, h: int = 8, w: int = 10):
-    g = torch.Generator().manual_seed(seed)
-    conf = 0.3 + 0.7 * torch.rand(n, h, w, generator=g)
-    pred = torch.randint(0, 5, (n, h, w), generator=g)
-    pred[:, 0, 0] = 4  # class 4 appears; classes 5.. never do
-    return conf.float(), pred
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Label overlays
 
