@@ -31,6 +31,7 @@ from hias_nb import augment, distributed
 from hias_nb.classes import IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
+from hias_nb.io import atomic_path
 from hias_nb.models import checkpoint_meta, freeze_bn, save_checkpoint
 from hias_nb.runner import (
     autocast_context,
@@ -278,7 +279,8 @@ class AdversarialWarmup:
         return {**terms, "lr": lr}
 
     def finish(self, out: Path, timing: dict[str, float]) -> None:
-        torch.save(self.disc.state_dict(), out / "discriminator_final.pt")
+        with atomic_path(out / "discriminator_final.pt") as tmp:
+            torch.save(self.disc.state_dict(), tmp)
         meta = {**self.meta, "warmup": "adversarial", **timing}
         save_checkpoint(out / "model_final.pt", self.model, meta)  # written last: its presence marks a finished run
 
