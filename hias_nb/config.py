@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Iterator
@@ -24,7 +25,7 @@ import yaml
 
 from hias_nb.errors import InputError
 
-__all__ = ["load_config", "override", "parse_overrides", "config_to_dict", "coerce"]
+__all__ = ["load_config", "override", "parse_overrides", "config_to_dict", "coerce", "check_ranges"]
 
 T = TypeVar("T")
 
@@ -79,12 +80,16 @@ def coerce(value: Any, tp: Any, field: str, where: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # nan or inf is never a setting; it would pass every range check
+                raise InputError(f"{where}: {field}: expected a finite number, got {value!r}")
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "3e-6" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                number = None
+            if number is not None and math.isfinite(number):
+                return number
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -201,13 +206,28 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise InputError(f"{path}: config file not found") from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
+        raise InputError(f"{path}: cannot be read as a YAML text file ({type(e).__name__})") from None
     except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({e})") from None
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -249,3 +269,42 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def check_ranges(
+    cfg: Any,
+    *,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    unit: tuple[str, ...] = (),
+    sizes: tuple[str, ...] = (),
+    scale_ranges: tuple[str, ...] = (),
+) -> None:
+    """The range checks every stage config's ``validate()`` shares; an `InputError` names the first bad field.
+
+    `positive`: numbers > 0 (a None ``stop_after`` is allowed); `non_negative`: numbers >= 0; `unit`: numbers in
+    [0, 1]; `sizes`: None or pairs of positive integers (H, W); `scale_ranges`: pairs ``0 < lo <= hi <= 1``.
+    Written ``not x > 0`` so that NaN fails every check.
+    """
+
+    def bad(name: str, rule: str) -> InputError:
+        return InputError(f"{name}: must be {rule}, got {getattr(cfg, name)!r}")
+
+    for name in positive:
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:
+            raise bad(name, "positive")
+    for name in non_negative:
+        if not getattr(cfg, name) >= 0:
+            raise bad(name, ">= 0")
+    for name in unit:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise bad(name, "in [0, 1]")
+    for name in sizes:
+        v = getattr(cfg, name)
+        if v is not None and not all(x > 0 for x in v):
+            raise bad(name, "positive (H, W) or null")
+    for name in scale_ranges:
+        lo, hi = getattr(cfg, name)
+        if not 0 < lo <= hi <= 1:
+            raise bad(name, "a range 0 < low <= high <= 1")

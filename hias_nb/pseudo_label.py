@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from hias_nb import selectors
 from hias_nb.classes import IGNORE
-from hias_nb.config import config_to_dict
+from hias_nb.config import check_ranges, config_to_dict
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.evaluate import predict_probs
@@ -72,9 +72,15 @@ class PseudoLabelConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for name in ("batch_size", "forward_batch"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
+        check_ranges(
+            self,
+            positive=("batch_size", "forward_batch", "alpha"),
+            non_negative=("gamma",),
+            unit=("init", "cbst_p", "constant_threshold", "class_value_gamma"),
+            sizes=("resize",),
+        )
+        if not 0 <= self.beta < 1:  # β = 1 would freeze every threshold at `init`
+            raise InputError(f"beta: must be in [0, 1) (1 freezes the thresholds at init), got {self.beta!r}")
 
 
 def visiting_order(n: int, batch_size: int, order: str, seed: int) -> list[int]:

@@ -104,12 +104,14 @@ def run_stage(cfg: Any, name: str, done: str, build: Callable[[str, int], Stage]
     if _already_complete(out, cfg, done, name):
         return out
     if distributed.is_main():
-        prepare_run_dir(out, cfg)
+        prepare_run_dir(out, cfg, write=False)  # refuse another run's folder before any work
     if cfg.batch_size % distributed.world_size():
         raise InputError(f"batch_size: {cfg.batch_size} does not divide over {distributed.world_size()} processes")
     state = load_state(out / "state.pt")
     start = int(state["iteration"]) if state is not None else 0
     stage = build(device, start)
+    if distributed.is_main():  # the stage could be set up (data, models): now the folder holds this run
+        prepare_run_dir(out, cfg)
     if state is not None:
         for key, part in stage.parts.items():
             _restore(part, state[key])

@@ -27,11 +27,13 @@ __all__ = ["prepare_run_dir", "claim_config", "save_state", "load_state", "CsvLo
 _RESUME_FREE = {"out", "device", "num_workers", "progress", "stop_after"}  # "out": a moved run still resumes
 
 
-def prepare_run_dir(out: str | Path, cfg: Any) -> Path:
-    """Create `out` and write ``config.yaml``; an existing run must have the same config (except device etc.)."""
+def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True) -> Path:
+    """Create `out` and write ``config.yaml``; an existing run must have the same config (except device etc.).
+    ``write=False`` only checks (a stage writes once it has started, so a failed start blocks no corrected
+    re-run)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    claim_config(out / "config.yaml", config_to_dict(cfg), _RESUME_FREE)
+    claim_config(out / "config.yaml", config_to_dict(cfg), _RESUME_FREE, write)
     return out
 
 
@@ -46,7 +48,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def claim_config(path: Path, config: dict[str, Any], free: Collection[str] = ()) -> None:
+def claim_config(path: Path, config: dict[str, Any], free: Collection[str] = (), write: bool = True) -> None:
     """Write `config` as a folder's ``config.yaml`` unless the folder holds a run with another one: an existing
     file must agree on every key (dotted for nested settings) except those in `free` and below them, else
     `InputError` naming the first key that differs, with nothing written."""
@@ -64,8 +66,9 @@ def claim_config(path: Path, config: dict[str, Any], free: Collection[str] = ())
                 f"{path}: this run directory holds a run with a different config ({k}: {old.get(k)!r} there, "
                 f"{new.get(k)!r} now); choose another --out or delete the folder"
             )
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    if write:
+        with atomic_path(path) as tmp:
+            tmp.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

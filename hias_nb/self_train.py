@@ -24,6 +24,7 @@ from torch import nn
 
 from hias_nb import augment, distributed, losses
 from hias_nb.classes import IGNORE
+from hias_nb.config import check_ranges
 from hias_nb.data import SegDataset, resize_label
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA, donor_lists, hard_classes
@@ -104,10 +105,15 @@ class SelfTrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.iterations <= 0 or self.batch_size <= 0:
-            raise InputError("iterations and batch_size: must be positive")
-        if not 0.0 <= self.ema_gamma <= 1.0:
-            raise InputError(f"ema_gamma: must be in [0, 1], got {self.ema_gamma}")
+        check_ranges(
+            self,
+            positive=("iterations", "batch_size", "checkpoint_every", "stop_after", "lr", "head_lr_mult", "crop_ratio"),
+            non_negative=("weight_decay", "warmup", "num_workers", "num_hard")
+            + ("lambda_ce", "lambda_kld", "lambda_ent", "lambda_cst"),
+            unit=("ema_gamma", "donor_drop_fraction"),
+            sizes=("resize", "crop_size", "crop_height_range"),
+            scale_ranges=("crop_scale",),
+        )
 
 
 class PseudoLabelledTarget(torch.utils.data.Dataset):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from hias_nb import augment, distributed, runner
 from hias_nb.classes import IGNORE
+from hias_nb.config import check_ranges
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.models import DeepLabV2, checkpoint_meta, describe_init, freeze_bn, load_checkpoint, save_checkpoint
@@ -67,11 +68,13 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for name in ("iterations", "batch_size", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise InputError(f"lr: must be positive, got {self.lr}")
+        check_ranges(
+            self,
+            positive=("iterations", "batch_size", "checkpoint_every", "stop_after", "lr", "head_lr_mult", "crop_ratio"),
+            non_negative=("weight_decay", "warmup", "photometric", "num_workers"),
+            sizes=("resize", "crop_size", "crop_height_range"),
+            scale_ranges=("crop_scale",),
+        )
 
 
 def build_model(

@@ -29,6 +29,7 @@ from torch import nn
 
 from hias_nb import augment, distributed
 from hias_nb.classes import IGNORE
+from hias_nb.config import check_ranges
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.io import atomic_path
@@ -99,15 +100,14 @@ class WarmupConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for name in ("iterations", "batch_size", "checkpoint_every", "d_ndf"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("lr", "d_lr"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("source_weight", "adv_weight", "ent_weight", "d_weight"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        check_ranges(
+            self,
+            positive=("iterations", "batch_size", "checkpoint_every", "stop_after", "d_ndf", "lr", "d_lr")
+            + ("head_lr_mult", "crop_ratio"),
+            non_negative=("weight_decay", "source_weight", "adv_weight", "ent_weight", "d_weight", "photometric"),
+            sizes=("resize",),
+            scale_ranges=("crop_scale",),
+        )
 
 
 class FCDiscriminator(nn.Module):

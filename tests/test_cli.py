@@ -68,6 +68,17 @@ def test_help_for_every_command(capsys):
         (["ablation", "--seed", "3"], "give --seeds instead"),  # not read as an abbreviation of --seeds
         (["train-source", "--conf", "x.yaml"], "'conf'"),  # nor --conf as --config
         (["warmup", "--adv_weight", "-1"], "adv_weight"),
+        (["train-source", "--lr", "nan"], "lr: expected float"),
+        (["train-source", "--lr", ".nan"], "lr: expected a finite number"),  # YAML's NaN
+        (["train-source", "--weight_decay", "-1e-4"], "weight_decay: must be >= 0"),
+        (["train-source", "--crop_ratio", "0"], "crop_ratio: must be positive"),
+        (["train-source", "--resize", "[0, 0]"], "resize: must be positive"),
+        (["train-source", "--num_workers", "-1"], "num_workers: must be >= 0"),
+        (["train-source", "--head_lr_mult", "-1"], "head_lr_mult: must be positive"),
+        (["train-source", "--crop_scale", "[0.5, 1.5]"], "crop_scale: must be a range"),
+        (["train-source", "--stop_after", "-1"], "stop_after: must be positive"),
+        (["self-train", "--ema_gamma", "1.5"], "ema_gamma: must be in [0, 1]"),
+        (["pseudo-label", "--beta", "1"], "beta: must be in [0, 1)"),
         (["warmup", "--d_input", "logits"], "d_input"),
     ],
 )

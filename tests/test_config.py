@@ -214,3 +214,22 @@ def test_demo_refuses_a_folder_of_another_demo_before_any_work(tmp_path):
         run_demo(quick=True, out=str(out), data_root=str(tmp_path / "toytown"), alpha=0.3)
     assert (out / "config.yaml").read_text() == before
     assert not (tmp_path / "toytown").exists() and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_config_files_that_are_not_yaml_mappings_exit_with_the_file_named(tmp_path):
+    from hias_nb.train import TrainConfig
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("lr: 0.1\niterations: 5\nlr: 0.2\n")
+    with pytest.raises(InputError, match=r"dup\.yaml: not valid YAML \(key 'lr' given twice.*line 3"):
+        load_config(TrainConfig, dup)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(InputError, match=r"model\.pt: cannot be read as a YAML text file"):
+        load_config(TrainConfig, binary)
+    with pytest.raises(InputError, match="cannot be read as a YAML text file"):
+        load_config(TrainConfig, tmp_path)  # a folder
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("round:\n  lr: 1\nround:\n  lr: 2\n")
+    with pytest.raises(InputError, match="given twice"):
+        load_config(TrainConfig, nested)

@@ -24,6 +24,7 @@ class LineConfig:
     checkpoint_every: int = 4
     stop_after: int | None = None
     poison_at: int | None = None  # 0-based iteration whose loss is made non-finite (logged as poison_at + 1)
+    data: str = "ok"  # "missing": the stage cannot start (like a wrong dataset path)
     seed: int = 0
     device: str = "cpu"
     progress: bool = False
@@ -41,6 +42,8 @@ class LineFit:
 
     def __init__(self, cfg: LineConfig, device: str, start: int) -> None:
         LineFit.built += 1
+        if cfg.data == "missing":
+            raise InputError("data: folder not found")
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.model = nn.Linear(1, 1)
@@ -121,3 +124,26 @@ def test_non_finite_loss_stops_before_anything_of_that_step_is_saved(tmp_path):
 def test_save_due():
     assert [d for d in range(1, 11) if save_due(d, 4, 10)] == [4, 8, 10]
     assert [d for d in range(1, 7) if save_due(d, 4, 6)] == [4, 6]
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(tmp_path):
+    with pytest.raises(InputError, match="data: folder not found"):
+        run(LineConfig(out=str(tmp_path / "a"), data="missing"))
+    assert not (tmp_path / "a" / "config.yaml").exists()
+    out = run(LineConfig(out=str(tmp_path / "a")))  # the corrected command: another config, same folder
+    assert (out / "final.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"lr": float("nan")}, "lr"), ({"stop_after": -1}, "stop_after"), ({"stop_after": 0}, "stop_after")],
+)
+def test_stage_configs_refuse_bad_numbers(change, field, tmp_path):
+    """Every stage config's validate() (through `check_ranges`), for Python callers as for the command line."""
+    from hias_nb.self_train import SelfTrainConfig
+    from hias_nb.train import TrainConfig
+    from hias_nb.warmup import WarmupConfig
+
+    for cls in (TrainConfig, WarmupConfig, SelfTrainConfig):
+        with pytest.raises(InputError, match=f"^{field}: must be"):
+            cls(**change).validate()
