@@ -150,15 +150,37 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _check_evaluate_numbers(args) -> None:
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size: must be positive, got {args.batch_size}")
+    if not all(0 < s < float("inf") for s in args.scales):
+        raise InputError(f"--scales: must be positive, got {args.scales}")
+    for flag, size in (("--size", args.size), ("--resize", args.resize)):
+        if size is not None and min(size) < 1:
+            raise InputError(f"{flag}: must be positive (H, W), got {size}")
+
+
+def _check_against_meta(ckpt: Path, meta: dict, backbone: str, rates: tuple[int, ...]) -> None:
+    """A hias_nb checkpoint records its architecture: another --backbone or --aspp-rates is refused."""
+    if meta.get("backbone") not in (None, backbone):
+        raise InputError(f"--backbone: {ckpt} holds a {meta['backbone']} model, not {backbone}")
+    if meta.get("aspp_rates") is not None and tuple(meta["aspp_rates"]) != tuple(rates):
+        raise InputError(f"--aspp-rates: {ckpt} was trained with {tuple(meta['aspp_rates'])}, not {tuple(rates)}")
+
+
 def _cmd_evaluate(args) -> int:
     from hias_nb.data import SegDataset
     from hias_nb.evaluate import evaluate, stage_entry, write_report
     from hias_nb.models import DeepLabV2, checkpoint_meta, load_checkpoint
-    from hias_nb.runs import resolve_device
+    from hias_nb.runs import check_writable, resolve_device
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         raise InputError(f"{ckpt}: checkpoint file not found")
+    _check_evaluate_numbers(args)
+    if args.json:
+        check_writable(args.json, "--json")
+    device = resolve_device(args.device)
     split = args.split or ("target_val" if args.dataset == "toytown" else "val")
     ds = SegDataset(args.dataset, args.data_root, split, size=tuple(args.resize) if args.resize else None)
     meta = checkpoint_meta(ckpt)
@@ -169,10 +191,16 @@ def _cmd_evaluate(args) -> int:
             f"{ckpt}: num_classes is {meta['num_classes']} but {args.dataset} ({ds.protocol.name}) "
             f"has {ds.protocol.num_classes}"
         )
-    device = resolve_device(args.device)
+    _check_against_meta(ckpt, meta, backbone, rates)
     model = DeepLabV2(backbone, num_classes=ds.protocol.num_classes, aspp_rates=rates)
     report = load_checkpoint(model, ckpt)
     print(report)
+    missing = [k for k in report.missing if not k.endswith("num_batches_tracked")]  # absent from old files
+    if missing or report.unexpected:  # a half-random model is never worth a report
+        raise InputError(
+            f"{ckpt}: does not fit a {backbone} model with ASPP rates {rates} ({len(missing)} missing keys, e.g. "
+            f"{missing[:2]}; {len(report.unexpected)} unexpected, e.g. {report.unexpected[:2]}); check --backbone"
+        )
     model.to(device)
     result = evaluate(
         model,

@@ -21,7 +21,7 @@ from hias_nb.config import config_to_dict
 from hias_nb.errors import InputError
 from hias_nb.io import atomic_path
 
-__all__ = ["prepare_run_dir", "claim_config", "save_state", "load_state", "CsvLog", "resolve_device"]
+__all__ = ["prepare_run_dir", "claim_config", "check_writable", "save_state", "load_state", "CsvLog", "resolve_device"]
 
 # Keys that may change between an interrupted run and its resumption without changing the result.
 _RESUME_FREE = {"out", "device", "num_workers", "progress", "stop_after"}  # "out": a moved run still resumes
@@ -123,6 +123,21 @@ def resolve_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device: {name!r} requested but CUDA is not available on this machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device: 'mps' requested but MPS is not available on this machine")
     if not (name == "cpu" or name.startswith("cuda") or name == "mps"):
         raise InputError(f"device: expected auto, cpu or cuda[:N], got {name!r}")
     return name
+
+
+def check_writable(path: str | Path, field: str) -> None:
+    """Refuse (before any work) an output path whose folder cannot be made or written: under a regular file,
+    read-only, or not ours to write."""
+    path = Path(path)
+    parent = path.parent.resolve()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{field}: {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{field}: {path}: {parent} is not writable")

@@ -243,3 +243,29 @@ def test_ablation_applies_the_overrides_to_every_variant(fake_stages, tmp_path):
     assert saved["demo"]["pseudo"]["alpha"] == 0.3 and saved["variants"] == {"full": {}, "cbst": {"policy": "cbst"}}
     variant = yaml.safe_load((out / "seed_3" / "cbst" / "config.yaml").read_text())
     assert variant["pseudo"]["policy"] == "cbst" and variant["seed"] == 3 and variant["oracle"] is False
+
+
+def test_evaluate_refuses_what_would_give_a_wrong_report_before_evaluating(tiny_toytown, tmp_path, capsys):
+    ckpt = tmp_path / "r10.pt"
+    save_checkpoint(ckpt, DeepLabV2("resnet10t", num_classes=19, aspp_rates=(1, 2)), {"backbone": "resnet10t"})
+    base = ["evaluate", "--checkpoint", str(ckpt), "--data-root", str(tiny_toytown)]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        (["--backbone", "resnet18"], "--backbone"),  # the checkpoint records another architecture
+        (["--aspp-rates", "1", "2", "3"], "--aspp-rates"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--scales", "0"], "--scales"),
+        (["--size", "0", "0"], "--size"),
+        (["--json", str(blocker / "r.json")], "is a file"),  # checked before the evaluation, not after
+    ]
+    for extra, needle in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert needle in _err_line(capsys), extra
+    # a checkpoint without an architecture record that leaves part of the model random (here its head)
+    bare = tmp_path / "bare.pt"
+    state = DeepLabV2("resnet10t", num_classes=19, aspp_rates=(1, 2)).state_dict()
+    torch.save({"state_dict": {k: v for k, v in state.items() if not k.startswith("aspp")}}, bare)
+    assert main(["evaluate", "--checkpoint", str(bare), "--data-root", str(tiny_toytown), "--backbone", "resnet10t",
+                 "--aspp-rates", "1", "2"]) == 2  # fmt: skip
+    assert "does not fit a resnet10t model" in _err_line(capsys)
