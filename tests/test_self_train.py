@@ -82,7 +82,7 @@ def test_hiast_step_terms_gradients_step_and_ema(ignored_fraction, normalisation
 
     assert terms["ce"] == pytest.approx(_slow_ce(logits.detach(), v.label), rel=1e-5, abs=1e-7)
     for key, want in (("ce", ce), ("kld", kld), ("entropy", ent), ("consistency", cst)):
-        assert terms[key] == pytest.approx(float(want), rel=1e-5, abs=1e-7), key
+        assert terms[key] == pytest.approx(want.item(), rel=1e-5, abs=1e-7), key
     assert terms["confident_fraction"] == pytest.approx(float((v.label != 255).float().mean()))
     assert terms["pasted_fraction"] == pytest.approx(float((v.provenance != 255).float().mean()))
     # Gradients reach the student only; the SGD step moved it by −lr·∇ of the written-out loss.
