@@ -20,6 +20,7 @@ Also here: the pieces every loop uses (learning-rate schedule, endless seeded sa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from hias_nb import distributed
 from hias_nb.errors import InputError
 from hias_nb.models import param_groups
-from hias_nb.runs import CsvLog, load_state, prepare_run_dir, resolve_device, save_state
+from hias_nb.runs import CsvLog, load_state, prepare_run_dir, resolve_device, run_lock, save_state
 
 __all__ = [
     "Stage",
@@ -79,6 +80,18 @@ def _restore(part: Any, value: Any) -> None:
         part.load_state_dict(value)
 
 
+def _check_finite(stage: Stage, out: Path, iteration: int) -> None:
+    """Never save a diverged model: every floating parameter and buffer of the stage's modules must be finite."""
+    for key, part in stage.parts.items():
+        if isinstance(part, nn.Module):
+            for name, t in part.state_dict().items():
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise RuntimeError(
+                        f"{out}: iteration {iteration}: {key}.{name} is not finite (the run diverged); nothing saved, "
+                        "the last state.pt is kept; lower the lr"
+                    )
+
+
 def _already_complete(out: Path, cfg: Any, done: str, name: str) -> bool:
     """A finished run with the same config (refused with exit 2 when the config differs)."""
     if not ((out / done).exists() and (out / "config.yaml").exists()):
@@ -104,7 +117,13 @@ def run_stage(cfg: Any, name: str, done: str, build: Callable[[str, int], Stage]
     if _already_complete(out, cfg, done, name):
         return out
     if distributed.is_main():
-        prepare_run_dir(out, cfg, write=False)  # refuse another run's folder before any work
+        prepare_run_dir(out, cfg, write=False)  # refuse another run's or a foreign folder before any work
+    with run_lock(out) if distributed.is_main() else contextlib.nullcontext():
+        return _run(cfg, name, out, device, build)
+
+
+def _run(cfg: Any, name: str, out: Path, device: str, build: Callable[[str, int], Stage]) -> Path:
+    """`run_stage` once the folder is this process's: resume, loop, finish."""
     if cfg.batch_size % distributed.world_size():
         raise InputError(f"batch_size: {cfg.batch_size} does not divide over {distributed.world_size()} processes")
     state = load_state(out / "state.pt")
@@ -144,6 +163,7 @@ def _loop(stage: Stage, cfg: Any, out: Path, name: str, start: int, stop: int) -
             row = {k: float(f"{v:.6g}") for k, v in terms.items()}
             log.write({"iteration": it + 1, **row, "seconds": round(time.perf_counter() - t0, 2)})
         if main and save_due(it + 1, cfg.checkpoint_every, stop):
+            _check_finite(stage, out, it + 1)
             parts = {key: _state_of(part) for key, part in stage.parts.items()}
             save_state(out / "state.pt", {**parts, "iteration": it + 1})
     bar.close()

@@ -8,30 +8,56 @@ nothing written before is lost or mixed with another run's files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+try:  # POSIX; elsewhere folders are not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 from hias_nb.config import config_to_dict
 from hias_nb.errors import InputError
 from hias_nb.io import atomic_path
 
-__all__ = ["prepare_run_dir", "claim_config", "check_writable", "save_state", "load_state", "CsvLog", "resolve_device"]
+__all__ = [
+    "prepare_run_dir",
+    "claim_config",
+    "check_writable",
+    "run_lock",
+    "LOCK_FILE",
+    "save_state",
+    "load_state",
+    "CsvLog",
+    "resolve_device",
+]
 
 # Keys that may change between an interrupted run and its resumption without changing the result.
 _RESUME_FREE = {"out", "device", "num_workers", "progress", "stop_after"}  # "out": a moved run still resumes
 
 
+LOCK_FILE = ".hias_nb.lock"
+
+
 def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True) -> Path:
     """Create `out` and write ``config.yaml``; an existing run must have the same config (except device etc.).
     ``write=False`` only checks (a stage writes once it has started, so a failed start blocks no corrected
-    re-run)."""
+    re-run). A folder with files but no ``config.yaml`` is not a hias_nb run: it is refused, never adopted."""
     out = Path(out)
+    if out.is_dir() and not (out / "config.yaml").exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        if foreign:
+            raise InputError(
+                f"{out}: holds files but no hias_nb run (no config.yaml; e.g. {foreign[0]}); choose a new or empty "
+                "folder for --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
     claim_config(out / "config.yaml", config_to_dict(cfg), _RESUME_FREE, write)
     return out
@@ -69,6 +95,22 @@ def claim_config(path: Path, config: dict[str, Any], free: Collection[str] = (),
     if write:
         with atomic_path(path) as tmp:
             tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path) -> Iterator[None]:
+    """Hold the run folder `out` while this process works in it: a second process gets an `InputError` instead of
+    writing the same files (an advisory lock on ``out/.hias_nb.lock``, released when the process ends, even by a
+    kill -9)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / LOCK_FILE).open("a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError(f"{out}: another process is working in this folder; wait for it to end") from None
+        yield
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

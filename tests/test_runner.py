@@ -25,6 +25,7 @@ class LineConfig:
     stop_after: int | None = None
     poison_at: int | None = None  # 0-based iteration whose loss is made non-finite (logged as poison_at + 1)
     data: str = "ok"  # "missing": the stage cannot start (like a wrong dataset path)
+    break_weights_at: int | None = None  # 0-based iteration after which the weights are made NaN (loss still finite)
     seed: int = 0
     device: str = "cpu"
     progress: bool = False
@@ -60,6 +61,9 @@ class LineFit:
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
+        if it == self.cfg.break_weights_at:
+            with torch.no_grad():
+                self.model.weight.fill_(float("nan"))
         return {"loss": loss.item(), "lr": self.cfg.lr}
 
     def finish(self, out: Path, timing: dict[str, float]) -> None:
@@ -147,3 +151,49 @@ def test_stage_configs_refuse_bad_numbers(change, field, tmp_path):
     for cls in (TrainConfig, WarmupConfig, SelfTrainConfig):
         with pytest.raises(InputError, match=f"^{field}: must be"):
             cls(**change).validate()
+
+
+def test_a_folder_that_holds_no_run_is_never_adopted(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "log.csv").write_text("my own notes\n")
+    with pytest.raises(InputError, match="holds files but no hias_nb run"):
+        run(LineConfig(out=str(folder)))
+    assert (folder / "log.csv").read_text() == "my own notes\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["log.csv"]
+
+
+def test_a_second_process_in_the_same_folder_is_refused(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    from hias_nb.runs import run_lock
+
+    out = tmp_path / "a"
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from hias_nb.runs import run_lock
+        with run_lock({str(out)!r}):
+            print("locked", flush=True)
+            time.sleep(30)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match="another process is working in this folder"):
+            run(LineConfig(out=str(out)))
+    finally:
+        proc.kill()
+        proc.wait()
+    with run_lock(out):  # released when its process ended (here: killed)
+        pass
+    assert (run(LineConfig(out=str(out))) / "final.pt").exists()
+
+
+def test_a_diverged_model_is_never_saved(tmp_path):
+    cfg = LineConfig(out=str(tmp_path / "a"), break_weights_at=5, checkpoint_every=3)
+    with pytest.raises(RuntimeError, match=r"iteration 6: model\.weight is not finite"):
+        run(cfg)
+    state = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    assert state["iteration"] == 3 and torch.isfinite(state["model"]["weight"]).all()
