@@ -7,6 +7,7 @@ Readers raise `InputError` naming the file; writers go through a temporary file 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -27,6 +28,7 @@ __all__ = [
     "read_rgb",
     "read_label",
     "image_size",
+    "file_sha256",
 ]
 
 
@@ -121,3 +123,16 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path}: unreadable or corrupt image ({e})") from None
     return h, w
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex): the identity of an input such as a checkpoint."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    return digest.hexdigest()

@@ -19,6 +19,7 @@ appended or mixed — docs/method.md B16):
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Iterator
@@ -37,8 +38,8 @@ from hias_nb.config import check_ranges, config_to_dict
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.evaluate import predict_probs
-from hias_nb.io import read_json, write_json, write_png
-from hias_nb.runs import resolve_device
+from hias_nb.io import file_sha256, read_json, write_json, write_png
+from hias_nb.runs import resolve_device, run_lock
 from hias_nb.train import load_model
 
 __all__ = ["PseudoLabelConfig", "generate_pseudo_labels", "visiting_order", "load_pseudo_summary"]
@@ -123,10 +124,29 @@ def load_pseudo_summary(folder: str | Path) -> dict:
     return read_json(folder / "summary.json")
 
 
-def _finished(out: Path, cfg: PseudoLabelConfig) -> bool:
-    """True if `out` already holds these pseudo-labels; raise if it holds others or anything else (never mix)."""
+def _inputs(cfg: PseudoLabelConfig, ds: SegDataset) -> dict[str, str]:
+    """What the labels are made from, beyond the config: the model's bytes and the exact image set."""
+    ids = "\n".join(s.id for s in ds.samples).encode()
+    return {
+        "checkpoint_sha256": file_sha256(cfg.checkpoint),
+        "data_root": str(Path(cfg.data_root).resolve()),
+        "images_sha256": hashlib.sha256(ids).hexdigest(),
+    }
+
+
+def _finished(out: Path, cfg: PseudoLabelConfig, inputs: dict[str, str]) -> bool:
+    """True if `out` already holds these pseudo-labels (same config, same model bytes, same images); raise if it
+    holds others or anything else (never mix)."""
     if (out / "summary.json").exists():
-        old = read_json(out / "summary.json")["config"]
+        summary = read_json(out / "summary.json")
+        made = summary.get("inputs", {})  # folders written before inputs were recorded have none
+        changed = [k for k in made if made[k] != inputs.get(k)]
+        if changed:
+            raise InputError(
+                f"{out}: holds pseudo-labels made from other inputs ({changed[0]}: {made[changed[0]]} there, "
+                f"{inputs.get(changed[0])} now: {cfg.checkpoint} or {cfg.data_root} changed); choose another --out"
+            )
+        old = summary["config"]
         new = config_to_dict(cfg)
         same = ("device", "progress", "forward_batch")  # settings that do not change the labels
         diff = [k for k in new if k not in same and old.get(k) != new[k]]
@@ -272,11 +292,18 @@ def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
     """
     cfg.validate()
     out = Path(cfg.out)
-    if _finished(out, cfg):
-        return out
-    device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     ds = SegDataset(cfg.dataset, cfg.data_root, cfg.split, size=cfg.resize)
+    inputs = _inputs(cfg, ds)
+    if _finished(out, cfg, inputs):
+        return out
+    with run_lock(out.parent, f".{out.name}.lock"):  # a second run into `out` is refused, not interleaved
+        return _generate(cfg, out, ds, inputs, t0)
+
+
+def _generate(cfg: PseudoLabelConfig, out: Path, ds: SegDataset, inputs: dict[str, str], t0: float) -> Path:
+    """`generate_pseudo_labels` once `out` is this process's."""
+    device = resolve_device(cfg.device)
     num_classes = ds.protocol.num_classes
     model = load_model(cfg.checkpoint, device, num_classes=num_classes).eval()
     order = visiting_order(len(ds), cfg.batch_size, cfg.order, cfg.seed)
@@ -303,7 +330,7 @@ def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
         records.add(items, conf, pred, labels)
 
     stats = records.write(tmp, selector)
-    summary = _summary(cfg, ds, order, selector, records.values, stats)
+    summary = {**_summary(cfg, ds, order, selector, records.values, stats), "inputs": inputs}
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(tmp / "summary.json", summary)
     if out.exists():

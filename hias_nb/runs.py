@@ -98,13 +98,13 @@ def claim_config(path: Path, config: dict[str, Any], free: Collection[str] = (),
 
 
 @contextlib.contextmanager
-def run_lock(out: str | Path) -> Iterator[None]:
+def run_lock(out: str | Path, name: str = LOCK_FILE) -> Iterator[None]:
     """Hold the run folder `out` while this process works in it: a second process gets an `InputError` instead of
-    writing the same files (an advisory lock on ``out/.hias_nb.lock``, released when the process ends, even by a
+    writing the same files (an advisory lock on ``out/<name>``, released when the process ends, even by a
     kill -9)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / LOCK_FILE).open("a") as f:
+    with (out / name).open("a") as f:
         if fcntl is not None:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

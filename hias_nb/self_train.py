@@ -47,6 +47,7 @@ __all__ = [
     "SelfTrainConfig",
     "PseudoLabelledTarget",
     "HPLATarget",
+    "check_pseudo_origin",
     "build_hpla",
     "round_views",
     "hiast_step",
@@ -176,6 +177,19 @@ class HPLATarget(torch.utils.data.Dataset):
         return item
 
 
+def check_pseudo_origin(cfg: SelfTrainConfig) -> None:
+    """Pseudo-labels are matched to images by name, so they must come from the images this round trains on: the
+    same dataset, split and data folder (the pseudo-label folder records them); else `InputError`."""
+    made = load_pseudo_summary(cfg.pseudo_dir)
+    where = f"pseudo_dir: {cfg.pseudo_dir} holds labels of"
+    for key in ("dataset", "split"):
+        if made["config"][key] != getattr(cfg, key):
+            raise InputError(f"{where} {key} {made['config'][key]!r}, this round trains on {getattr(cfg, key)!r}")
+    root = made.get("inputs", {}).get("data_root")  # recorded since pseudo-label folders record their inputs
+    if root is not None and root != str(Path(cfg.data_root).resolve()):
+        raise InputError(f"{where} the images in {root}, this round trains on those in {cfg.data_root}")
+
+
 def build_hpla(
     pseudo_dir: str | Path,
     target: PseudoLabelledTarget,
@@ -286,6 +300,7 @@ class SelfTraining:
     def __init__(self, cfg: SelfTrainConfig, device: str, start: int) -> None:
         self.cfg, self.device = cfg, device
         images = SegDataset(cfg.dataset, cfg.data_root, cfg.split, size=cfg.resize)
+        check_pseudo_origin(cfg)
         target = PseudoLabelledTarget(images, cfg.pseudo_dir)
         self.meta = checkpoint_meta(cfg.init_checkpoint)
         self.student = load_model(cfg.init_checkpoint, device, num_classes=images.protocol.num_classes)

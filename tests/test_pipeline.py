@@ -13,7 +13,7 @@ import yaml
 
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
-from hias_nb.io import read_label
+from hias_nb.io import read_json, read_label
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels, summary_table
 from hias_nb.runner import infinite_loader
 from hias_nb.selectors import ConfidenceHistogram, replay_ias
@@ -210,3 +210,29 @@ def test_adabn_on_the_first_images_only(tiny_toytown, model_ckpt, tmp_path):
     sd_part, sd_full, sd_direct = part.state_dict(), full.state_dict(), direct.state_dict()
     assert torch.allclose(sd_part[bn], sd_direct[bn], atol=1e-6)  # 7 images: two batches of 4
     assert not torch.allclose(sd_part[bn], sd_full[bn], atol=1e-4)
+
+
+def test_pseudo_labels_know_their_inputs(tiny_toytown, model_ckpt, tmp_path):
+    """A re-run with the model replaced at the same path, or with labels of other images, is refused (findings 2
+    and 3 of the trust issue): the folder records the model's bytes and the images it was made from."""
+    import shutil
+
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(model_ckpt, ckpt)
+    out = generate_pseudo_labels(_pl(tiny_toytown, ckpt, tmp_path / "pl"))
+    made = read_json(out / "summary.json")["inputs"]
+    assert made["data_root"] == str(tiny_toytown.resolve()) and len(made["checkpoint_sha256"]) == 64
+    other = torch.load(ckpt, weights_only=True)
+    other["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in other["state_dict"].items()}
+    torch.save(other, ckpt)  # another model at the same path
+    with pytest.raises(InputError, match="checkpoint_sha256"):
+        generate_pseudo_labels(_pl(tiny_toytown, ckpt, tmp_path / "pl"))
+    # self-training on another split or another copy of the images than the labels were made from
+    base = dict(pseudo_dir=str(out), init_checkpoint=str(model_ckpt), iterations=1, batch_size=2, progress=False)
+    with pytest.raises(InputError, match="split 'target_train', this round trains on 'source_train'"):
+        self_train(SelfTrainConfig(out=str(tmp_path / "s"), data_root=str(tiny_toytown), split="source_train", **base))
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_toytown, copy)
+    with pytest.raises(InputError, match="holds labels of the images in"):
+        self_train(SelfTrainConfig(out=str(tmp_path / "c"), data_root=str(copy), **base))
+    assert not (tmp_path / "s" / "config.yaml").exists() and not (tmp_path / "c" / "config.yaml").exists()
