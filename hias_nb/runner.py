@@ -35,7 +35,15 @@ from tqdm.auto import tqdm
 from hias_nb import distributed
 from hias_nb.errors import InputError
 from hias_nb.models import param_groups
-from hias_nb.runs import CsvLog, load_state, prepare_run_dir, resolve_device, run_lock, save_state
+from hias_nb.runs import (
+    CsvLog,
+    check_writable,
+    load_state,
+    prepare_run_dir,
+    resolve_device,
+    run_lock,
+    save_state,
+)
 
 __all__ = [
     "Stage",
@@ -114,6 +122,7 @@ def run_stage(cfg: Any, name: str, done: str, build: Callable[[str, int], Stage]
     device = resolve_device(cfg.device)
     distributed.init_distributed(device)
     out = Path(cfg.out)
+    check_writable(out / "config.yaml", "out")  # under a regular file or read-only: refused before any work
     if _already_complete(out, cfg, done, name):
         return out
     if distributed.is_main():

@@ -197,3 +197,12 @@ def test_a_diverged_model_is_never_saved(tmp_path):
         run(cfg)
     state = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
     assert state["iteration"] == 3 and torch.isfinite(state["model"]["weight"]).all()
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_first(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    built = LineFit.built
+    with pytest.raises(InputError, match="out: .* is a file, not a folder"):
+        run(LineConfig(out=str(blocker / "run")))
+    assert LineFit.built == built  # refused before the stage was built
