@@ -3,9 +3,12 @@
 A stage supplies only what is its own — its config, its model set-up and its step — as a `Stage`; `run_stage`
 does the rest, the same way for every stage:
 
-1. refuse or skip: a folder with the stage's final file and the same config is complete (nothing to do); one
-   with another config is refused (exit 2) so nothing written before is lost or mixed;
-2. prepare the run folder (``config.yaml``, the resolved config) and check the batch divides over the processes;
+1. refuse or skip: a folder with the stage's final file, the same config and the same inputs (model files by
+   their bytes, a pseudo-label folder by its record: ``inputs.yaml``) is complete (nothing to do); one with
+   another config or other inputs, or a foreign non-empty folder, is refused (exit 2), so nothing written before
+   is lost or mixed; the folder is locked while this process works in it;
+2. prepare the run folder (``config.yaml`` and ``inputs.yaml``, written once the stage could be built) and check
+   the batch divides over the processes;
 3. resume: ``state.pt`` holds every stateful part the stage names (modules, optimisers, scalers, generators)
    and the iteration reached; the stage builds its data stream from that iteration, so a resumed run sees
    exactly the batches an uninterrupted one would;
@@ -34,10 +37,12 @@ from tqdm.auto import tqdm
 
 from hias_nb import distributed
 from hias_nb.errors import InputError
+from hias_nb.io import file_sha256
 from hias_nb.models import param_groups
 from hias_nb.runs import (
     CsvLog,
     check_writable,
+    claim_config,
     load_state,
     prepare_run_dir,
     resolve_device,
@@ -48,6 +53,7 @@ from hias_nb.runs import (
 __all__ = [
     "Stage",
     "run_stage",
+    "input_identity",
     "make_optimizer",
     "lr_factor",
     "set_lr",
@@ -100,11 +106,30 @@ def _check_finite(stage: Stage, out: Path, iteration: int) -> None:
                     )
 
 
-def _already_complete(out: Path, cfg: Any, done: str, name: str) -> bool:
-    """A finished run with the same config (refused with exit 2 when the config differs)."""
+def input_identity(cfg: Any) -> dict[str, str]:
+    """What a stage starts from beyond its config: the model files it loads by their bytes (sha256), a
+    pseudo-label folder by its record (``summary.json``, which names the model and images it was made from).
+    A missing file is an `InputError` here, before any work."""
+    ids = {}
+    for name in ("init_checkpoint", "pretrained"):
+        if getattr(cfg, name, None):
+            ids[f"{name}_sha256"] = file_sha256(getattr(cfg, name))
+    if getattr(cfg, "pseudo_dir", None):
+        ids["pseudo_dir_sha256"] = file_sha256(Path(cfg.pseudo_dir) / "summary.json")
+    return ids
+
+
+def _claim(out: Path, cfg: Any, inputs: dict[str, str], write: bool) -> None:
+    """The folder holds this run: the same config (``config.yaml``) and the same inputs (``inputs.yaml``)."""
+    prepare_run_dir(out, cfg, write)
+    claim_config(out / "inputs.yaml", inputs, write=write)
+
+
+def _already_complete(out: Path, cfg: Any, inputs: dict[str, str], done: str, name: str) -> bool:
+    """A finished run with the same config and inputs (refused with exit 2 when either differs)."""
     if not ((out / done).exists() and (out / "config.yaml").exists()):
         return False
-    prepare_run_dir(out, cfg)
+    _claim(out, cfg, inputs, write=True)
     if distributed.is_main():
         print(f"{out}: {name} already complete; nothing to do")
     return True
@@ -123,15 +148,18 @@ def run_stage(cfg: Any, name: str, done: str, build: Callable[[str, int], Stage]
     distributed.init_distributed(device)
     out = Path(cfg.out)
     check_writable(out / "config.yaml", "out")  # under a regular file or read-only: refused before any work
-    if _already_complete(out, cfg, done, name):
+    inputs = input_identity(cfg)
+    if _already_complete(out, cfg, inputs, done, name):
         return out
     if distributed.is_main():
-        prepare_run_dir(out, cfg, write=False)  # refuse another run's or a foreign folder before any work
+        _claim(out, cfg, inputs, write=False)  # refuse another run's or a foreign folder before any work
     with run_lock(out) if distributed.is_main() else contextlib.nullcontext():
-        return _run(cfg, name, out, device, build)
+        return _run(cfg, name, out, device, inputs, build)
 
 
-def _run(cfg: Any, name: str, out: Path, device: str, build: Callable[[str, int], Stage]) -> Path:
+def _run(
+    cfg: Any, name: str, out: Path, device: str, inputs: dict[str, str], build: Callable[[str, int], Stage]
+) -> Path:
     """`run_stage` once the folder is this process's: resume, loop, finish."""
     if cfg.batch_size % distributed.world_size():
         raise InputError(f"batch_size: {cfg.batch_size} does not divide over {distributed.world_size()} processes")
@@ -139,7 +167,7 @@ def _run(cfg: Any, name: str, out: Path, device: str, build: Callable[[str, int]
     start = int(state["iteration"]) if state is not None else 0
     stage = build(device, start)
     if distributed.is_main():  # the stage could be set up (data, models): now the folder holds this run
-        prepare_run_dir(out, cfg)
+        _claim(out, cfg, inputs, write=True)
     if state is not None:
         for key, part in stage.parts.items():
             _restore(part, state[key])

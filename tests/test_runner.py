@@ -25,6 +25,7 @@ class LineConfig:
     stop_after: int | None = None
     poison_at: int | None = None  # 0-based iteration whose loss is made non-finite (logged as poison_at + 1)
     data: str = "ok"  # "missing": the stage cannot start (like a wrong dataset path)
+    init_checkpoint: str | None = None  # a file the stage starts from (identified by its bytes)
     break_weights_at: int | None = None  # 0-based iteration after which the weights are made NaN (loss still finite)
     seed: int = 0
     device: str = "cpu"
@@ -206,3 +207,22 @@ def test_an_out_folder_that_cannot_be_written_is_refused_first(tmp_path):
     with pytest.raises(InputError, match="out: .* is a file, not a folder"):
         run(LineConfig(out=str(blocker / "run")))
     assert LineFit.built == built  # refused before the stage was built
+
+
+def test_a_changed_input_file_is_refused_on_resume_and_when_complete(tmp_path):
+    start = tmp_path / "start.pt"
+    start.write_bytes(b"weights v1")
+    cfg = LineConfig(out=str(tmp_path / "a"), init_checkpoint=str(start), stop_after=2)
+    run(cfg)
+    assert "init_checkpoint_sha256" in (tmp_path / "a" / "inputs.yaml").read_text()
+    start.write_bytes(b"weights v2")  # another model at the same path
+    with pytest.raises(InputError, match="init_checkpoint_sha256"):
+        run(cfg)  # resuming would mix two starting points
+    start.write_bytes(b"weights v1")
+    run(LineConfig(out=str(tmp_path / "a"), init_checkpoint=str(start)))
+    start.write_bytes(b"weights v3")
+    with pytest.raises(InputError, match="init_checkpoint_sha256"):
+        run(LineConfig(out=str(tmp_path / "a"), init_checkpoint=str(start)))  # not "already complete"
+    with pytest.raises(InputError, match="missing.pt: file not found"):
+        run(LineConfig(out=str(tmp_path / "b"), init_checkpoint=str(tmp_path / "missing.pt")))
+    assert not (tmp_path / "b").exists()
