@@ -27,6 +27,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hias_nb import distributed
+from hias_nb.config import check_ranges
 from hias_nb.errors import InputError
 from hias_nb.io import file_sha256
 from hias_nb.models import param_groups
@@ -51,6 +53,7 @@ from hias_nb.runs import (
 )
 
 __all__ = [
+    "RunSettings",
     "Stage",
     "run_stage",
     "input_identity",
@@ -66,6 +69,23 @@ __all__ = [
     "cpu_has_native_bf16",
     "make_scaler",
 ]
+
+
+@dataclass
+class RunSettings:
+    """Where and how a training stage runs: the keys every stage config shares (its dataclass base), with their
+    defaults written once. A stage config adds what `run_stage` also reads: ``out``, ``iterations``,
+    ``batch_size`` and ``lr``."""
+
+    checkpoint_every: int = 100  # iterations between resumable states (state.pt)
+    stop_after: int | None = None  # leave a resumable state after this many iterations (wall-time-limited jobs)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    amp: bool = True  # autocast: CUDA bf16 (else fp16 with a scaler); CPU bf16 where native (else fp32)
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_ranges(self, positive=("checkpoint_every", "stop_after", "iterations", "batch_size", "lr"))
 
 
 class Stage(Protocol):

@@ -32,6 +32,7 @@ from hias_nb.io import read_json, read_label
 from hias_nb.models import checkpoint_meta, freeze_bn, save_checkpoint
 from hias_nb.pseudo_label import load_pseudo_summary
 from hias_nb.runner import (
+    RunSettings,
     autocast_context,
     lr_factor,
     make_optimizer,
@@ -57,7 +58,7 @@ __all__ = [
 
 
 @dataclass
-class SelfTrainConfig:
+class SelfTrainConfig(RunSettings):
     """``hias-nb self-train``: one round. Defaults are toytown's round 1 (what ``hias-nb demo`` runs,
     docs/toytown.md); ``configs/hiast_gta5_round1.yaml`` has the paper's, and comments give the paper's value
     where it differs."""
@@ -97,18 +98,13 @@ class SelfTrainConfig:
     crop_height_range: tuple[int, int] | None = None  # crop height in pixels (docs/method.md §5.5); None: crop_scale
     crop_scale: tuple[float, float] = (0.6, 1.0)  # crop height as a fraction of the input height
     crop_ratio: float = 2.0
-    checkpoint_every: int = 100
     num_workers: int = 0  # DataLoader workers (image reads and HPLA pastes run there)
-    stop_after: int | None = None  # leave a resumable state after this many iterations
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    progress: bool = True
 
     def validate(self) -> None:
+        super().validate()
         check_ranges(
             self,
-            positive=("iterations", "batch_size", "checkpoint_every", "stop_after", "lr", "head_lr_mult", "crop_ratio"),
+            positive=("head_lr_mult", "crop_ratio"),
             non_negative=("weight_decay", "warmup", "num_workers", "num_hard")
             + ("lambda_ce", "lambda_kld", "lambda_ent", "lambda_cst"),
             unit=("ema_gamma", "donor_drop_fraction"),

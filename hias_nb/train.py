@@ -25,12 +25,13 @@ from hias_nb.config import check_ranges
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.models import DeepLabV2, checkpoint_meta, describe_init, freeze_bn, load_checkpoint, save_checkpoint
+from hias_nb.runner import RunSettings
 
 __all__ = ["TrainConfig", "SourceTraining", "train_source", "build_model", "recalibrate_bn", "ema_update", "load_model"]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunSettings):
     """Source-only training (``hias-nb train-source``); with ``split: target_train`` it trains the oracle.
 
     Defaults are toytown's (what ``hias-nb demo`` runs, docs/toytown.md); ``configs/gta5_source.yaml`` holds the
@@ -59,18 +60,13 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.6, 1.0)  # crop height as a fraction of the input height
     crop_ratio: float = 2.0  # crop width / height
     photometric: float = 1.0  # strength of source photometric augmentation; 0 disables it
-    checkpoint_every: int = 100
-    stop_after: int | None = None  # leave a resumable state after this many iterations (wall-time-limited jobs)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda[:N]
-    amp: bool = True  # autocast: CUDA bf16 (else fp16 with a scaler); CPU bf16 where native (else fp32)
     num_workers: int = 0
-    progress: bool = True
 
     def validate(self) -> None:
+        super().validate()
         check_ranges(
             self,
-            positive=("iterations", "batch_size", "checkpoint_every", "stop_after", "lr", "head_lr_mult", "crop_ratio"),
+            positive=("head_lr_mult", "crop_ratio"),
             non_negative=("weight_decay", "warmup", "photometric", "num_workers"),
             sizes=("resize", "crop_size", "crop_height_range"),
             scale_ranges=("crop_scale",),

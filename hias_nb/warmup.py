@@ -35,6 +35,7 @@ from hias_nb.errors import InputError
 from hias_nb.io import atomic_path
 from hias_nb.models import checkpoint_meta, freeze_bn, save_checkpoint
 from hias_nb.runner import (
+    RunSettings,
     autocast_context,
     lr_factor,
     make_optimizer,
@@ -61,7 +62,7 @@ SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0
 
 
 @dataclass
-class WarmupConfig:
+class WarmupConfig(RunSettings):
     """``hias-nb warmup``. Defaults are toytown's (what ``hias-nb demo`` runs, docs/toytown.md); the
     reference's values are noted where they differ."""
 
@@ -92,18 +93,12 @@ class WarmupConfig:
     crop_scale: tuple[float, float] = (0.6, 1.0)
     crop_ratio: float = 2.0
     photometric: float = 1.0  # source photometric augmentation, as in source-only training
-    checkpoint_every: int = 100
-    stop_after: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    progress: bool = True
 
     def validate(self) -> None:
+        super().validate()
         check_ranges(
             self,
-            positive=("iterations", "batch_size", "checkpoint_every", "stop_after", "d_ndf", "lr", "d_lr")
-            + ("head_lr_mult", "crop_ratio"),
+            positive=("d_ndf", "d_lr", "head_lr_mult", "crop_ratio"),
             non_negative=("weight_decay", "source_weight", "adv_weight", "ent_weight", "d_weight", "photometric"),
             sizes=("resize",),
             scale_ranges=("crop_scale",),
