@@ -83,9 +83,10 @@ class RunSettings:
     device: str = "auto"  # auto | cpu | cuda[:N]
     amp: bool = True  # autocast: CUDA bf16 (else fp16 with a scaler); CPU bf16 where native (else fp32)
     progress: bool = True
+    max_loss: float = 1e4  # a loss above this stops the run (diverging) before anything of that step is saved
 
     def validate(self) -> None:
-        check_ranges(self, positive=("checkpoint_every", "stop_after", "iterations", "batch_size", "lr"))
+        check_ranges(self, positive=("checkpoint_every", "stop_after", "iterations", "batch_size", "lr", "max_loss"))
 
 
 class Stage(Protocol):
@@ -214,6 +215,11 @@ def _loop(stage: Stage, cfg: Any, out: Path, name: str, start: int, stop: int) -
         terms = stage.step(it)
         if not all(np.isfinite(v) for v in terms.values()):  # nothing from this step is logged or saved
             raise RuntimeError(f"{out}: iteration {it + 1}: non-finite loss, terms {terms}; lower the lr ({cfg.lr})")
+        if terms["loss"] > cfg.max_loss:
+            raise RuntimeError(
+                f"{out}: iteration {it + 1}: loss {terms['loss']:.3g} > max_loss {cfg.max_loss:g}: the run diverges; "
+                f"lower the lr ({cfg.lr}); the last state.pt is kept"
+            )
         bar.update(1)
         bar.set_postfix({k: f"{terms[k]:.3f}" for k in stage.postfix})
         if log is not None:

@@ -39,8 +39,9 @@ __all__ = [
     "resolve_device",
 ]
 
-# Keys that may change between an interrupted run and its resumption without changing the result.
-_RESUME_FREE = {"out", "device", "num_workers", "progress", "stop_after"}  # "out": a moved run still resumes
+# Keys that may change between an interrupted run and its resumption without changing the result ("out": a moved
+# run still resumes; "max_loss" only decides whether a diverging run stops).
+_RESUME_FREE = {"out", "device", "num_workers", "progress", "stop_after", "checkpoint_every", "max_loss"}
 
 
 LOCK_FILE = ".hias_nb.lock"

@@ -30,6 +30,7 @@ class LineConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = False
+    max_loss: float = 1e4
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -226,3 +227,16 @@ def test_a_changed_input_file_is_refused_on_resume_and_when_complete(tmp_path):
     with pytest.raises(InputError, match="missing.pt: file not found"):
         run(LineConfig(out=str(tmp_path / "b"), init_checkpoint=str(tmp_path / "missing.pt")))
     assert not (tmp_path / "b").exists()
+
+
+def test_an_exploding_loss_stops_the_run_at_max_loss(tmp_path):
+    cfg = LineConfig(out=str(tmp_path / "a"), lr=50.0, checkpoint_every=1, iterations=50)  # SGD diverges at once
+    with pytest.raises(RuntimeError, match=r"> max_loss 10000: the run diverges"):
+        run(cfg)
+    log = rows(tmp_path / "a")
+    assert all(float(r["loss"]) <= 1e4 for r in log)  # no row of the exploding step
+    state = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    assert state["iteration"] == len(log) and torch.isfinite(state["model"]["weight"]).all()
+    # resuming with another max_loss is allowed (it changes no result), with another lr not
+    with pytest.raises(RuntimeError, match="max_loss 1e\\+12"):
+        run(LineConfig(out=str(tmp_path / "a"), lr=50.0, checkpoint_every=1, iterations=50, max_loss=1e12))
