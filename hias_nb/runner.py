@@ -150,7 +150,7 @@ def _already_complete(out: Path, cfg: Any, inputs: dict[str, str], done: str, na
     """A finished run with the same config and inputs (refused with exit 2 when either differs)."""
     if not ((out / done).exists() and (out / "config.yaml").exists()):
         return False
-    _claim(out, cfg, inputs, write=True)
+    _claim(out, cfg, inputs, write=False)  # a finished folder is checked, never rewritten
     if distributed.is_main():
         print(f"{out}: {name} already complete; nothing to do")
     return True

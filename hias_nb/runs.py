@@ -81,12 +81,17 @@ def claim_config(path: Path, config: dict[str, Any], free: Collection[str] = (),
     `InputError` naming the first key that differs, with nothing written."""
     new = _flat(config)
     if path.exists():
-        old = _flat(yaml.safe_load(path.read_text()) or {})
-        loose = tuple(free)
-        diff = sorted(
-            k for k in set(old) | set(new) if not k.startswith(tuple(f + "." for f in loose)) and k not in loose
-            and old.get(k) != new.get(k)
-        )  # fmt: skip
+        try:
+            old = _flat(yaml.safe_load(path.read_text()) or {})
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise InputError(
+                f"{path}: not a config this project wrote ({type(e).__name__}); choose another --out"
+            ) from None
+
+        def loose(k: str) -> bool:  # a free key, or a setting below one
+            return any(k == f or k.startswith(f + ".") for f in free)
+
+        diff = sorted(k for k in old.keys() | new.keys() if not loose(k) and old.get(k) != new.get(k))
         if diff:
             k = diff[0]
             raise InputError(

@@ -240,3 +240,13 @@ def test_an_exploding_loss_stops_the_run_at_max_loss(tmp_path):
     # resuming with another max_loss is allowed (it changes no result), with another lr not
     with pytest.raises(RuntimeError, match="max_loss 1e\\+12"):
         run(LineConfig(out=str(tmp_path / "a"), lr=50.0, checkpoint_every=1, iterations=50, max_loss=1e12))
+
+
+def test_a_finished_folder_is_checked_not_rewritten(tmp_path):
+    out = run(LineConfig(out=str(tmp_path / "a")))
+    before = (out / "config.yaml").read_text()
+    run(LineConfig(out=str(tmp_path / "a"), progress=True))  # a free key differs: complete, nothing rewritten
+    assert (out / "config.yaml").read_text() == before
+    (out / "config.yaml").write_bytes(b"\xff\xfe not yaml")
+    with pytest.raises(InputError, match="not a config this project wrote"):
+        run(LineConfig(out=str(tmp_path / "a")))
