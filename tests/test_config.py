@@ -88,7 +88,11 @@ def test_default_demo_gives_each_stage_the_toytown_values():
     from hias_nb.demo import demo_config, stage_configs
 
     plan = stage_configs(demo_config(), "cpu")
-    assert list(plan) == list(DEMO_STAGES)
+    assert list(plan) == ["pretrain", *DEMO_STAGES]
+    # the pretraining run is cached outside the demo folder, named by version, backbone, size and a digest
+    pre = plan.pop("pretrain")
+    assert pre.out.startswith("data/toytown_pretrain/v2-resnet10t-64x128-") and pre.size == (64, 128)
+    assert plan["source_only"].pretrained == plan["oracle"].pretrained == f"{pre.out}/backbone.pt"
     for stage, expected in DEMO_STAGES.items():
         got = config_to_dict(plan[stage])
         assert {k: got[k] for k in expected} == expected, stage
@@ -98,14 +102,15 @@ def test_default_demo_gives_each_stage_the_toytown_values():
 def test_stage_defaults_are_the_demos():
     """One place per stage: the demo's sections are the stage configs' own defaults."""
     from hias_nb.demo import DemoConfig
+    from hias_nb.pretrain import PretrainConfig
     from hias_nb.pseudo_label import PseudoLabelConfig
     from hias_nb.self_train import SelfTrainConfig
     from hias_nb.train import TrainConfig
     from hias_nb.warmup import WarmupConfig
 
     cfg = DemoConfig()
-    assert (cfg.source, cfg.warmup, cfg.pseudo, cfg.round) == (
-        TrainConfig(), WarmupConfig(), PseudoLabelConfig(), SelfTrainConfig()
+    assert (cfg.pretrain, cfg.source, cfg.warmup, cfg.pseudo, cfg.round) == (
+        PretrainConfig(), TrainConfig(), WarmupConfig(), PseudoLabelConfig(), SelfTrainConfig()
     )  # fmt: skip
 
 
@@ -115,7 +120,7 @@ def test_quick_demo_values():
     cfg = demo_config(quick=True)
     assert (cfg.out, cfg.oracle, cfg.rounds, cfg.adabn_images) == ("runs/demo_quick", False, 1, 256)
     plan = stage_configs(cfg)
-    assert list(plan) == ["source_only", "warmup/train", "round_1/pseudo", "round_1/train"]  # no oracle
+    assert list(plan) == ["pretrain", "source_only", "warmup/train", "round_1/pseudo", "round_1/train"]  # no oracle
     its = {k: plan[k].iterations for k in ("source_only", "warmup/train", "round_1/train")}
     assert its == {"source_only": 120, "warmup/train": 80, "round_1/train": 40}
     assert plan["round_1/train"].lr == 2e-4 and plan["round_1/pseudo"].alpha == 0.5  # the rest as in the full demo
@@ -138,7 +143,7 @@ def test_later_rounds_chain_teacher_and_student_and_decay_the_lr():
     ("overrides", "needle"),
     [
         ({"alhpa": 0.2}, "did you mean alpha"),
-        ({"iterations": 5}, "'iterations' is ambiguous: source.iterations, warmup.iterations or round.iterations"),
+        ({"iterations": 5}, "'iterations' is ambiguous: pretrain.iterations, source.iterations, warmup.iterations"),
         ({"round.seed": 1}, "'round.seed' cannot be set"),
         ({"pseudo.checkpoint": "m.pt"}, "'pseudo.checkpoint' cannot be set"),
         ({"round.lrr": 1e-4}, "did you mean round.lr"),
@@ -146,6 +151,9 @@ def test_later_rounds_chain_teacher_and_student_and_decay_the_lr():
         ({"round.lr": "fast"}, "round.lr: expected float"),
         ({"rounds": 0}, "rounds"),
         ({"round.ema_gamma": 2.0}, "round.ema_gamma"),
+        ({"source.pretrained": "w.pt"}, "'source.pretrained' cannot be set"),  # the demo's pretraining sets it
+        ({"pretrain.size": [32, 64]}, "'pretrain.size' cannot be set"),  # toytown's size
+        ({"source.backbone": "resnet18"}, "pretrain.backbone: 'resnet10t' differs from source.backbone"),
     ],
 )
 def test_bad_demo_keys_name_the_key(overrides, needle):
@@ -153,6 +161,18 @@ def test_bad_demo_keys_name_the_key(overrides, needle):
 
     with pytest.raises(InputError, match=needle):
         demo_config(overrides=overrides)
+
+
+def test_pretraining_can_be_switched_off_and_follows_the_settings():
+    from hias_nb.demo import demo_config, stage_configs
+
+    plan = stage_configs(demo_config(overrides={"pretrain.iterations": 0}))
+    assert "pretrain" not in plan and plan["source_only"].pretrained is None and plan["oracle"].pretrained is None
+    both = {"source.backbone": "resnet18", "pretrain.backbone": "resnet18"}
+    a, b = (stage_configs(demo_config(overrides=o))["pretrain"].out for o in ({}, both))
+    assert a != b and "-resnet18-" in b  # another setting, another cache folder
+    c = stage_configs(demo_config(overrides={"device": "cpu", "out": "elsewhere", "seed": 3}))["pretrain"].out
+    assert c == a  # shared by every demo folder and training seed
 
 
 def test_demo_keys_bare_dotted_and_from_a_file(tmp_path):

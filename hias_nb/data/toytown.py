@@ -54,6 +54,8 @@ __all__ = [
     "SOURCE_STYLE",
     "TARGET_STYLE",
     "TARGET_SEVERITY",
+    "SEVERITY_SHAPE",
+    "draw_severity",
     "SPLITS",
     "VERSION",
     "render_scene",
@@ -63,10 +65,16 @@ __all__ = [
     "read_manifest",
 ]
 
-VERSION = 1
+VERSION = 2
 NUM_CLASSES = 19
 SPLITS: tuple[str, ...] = ("source_train", "source_val", "target_train", "target_val")
-TARGET_SEVERITY: tuple[float, float] = (0.5, 1.0)
+# Per target image, severity = lo + (hi - lo) * Beta(a, b): a mild majority and a hard tail.
+TARGET_SEVERITY: tuple[float, float] = (0.1, 1.0)
+SEVERITY_SHAPE: tuple[float, float] = (1.6, 3.0)
+PALETTE_SHIFT = 1.0  # fraction of each class's game -> photo colour move made at severity 1
+DESATURATION = 0.4  # photo colours lose this fraction of their saturation at severity 1
+THIN_DIVISOR = 20  # thin objects are at least max(3, H // THIN_DIVISOR) pixels wide
+SHADOW_DARKENING = 0.45  # a cast shadow darkens the ground by up to this fraction (target only)
 PNG_COMPRESS_LEVEL = 6  # fixed so that the same seed gives the same bytes
 
 # Train ids, named for readability of the drawing code.
@@ -242,7 +250,7 @@ class _Scene:
 
     def __init__(self, rng: np.random.Generator, style: DomainStyle, canvas: _Canvas, cam: _Camera):
         self.rng, self.style, self.cv, self.cam = rng, style, canvas, cam
-        self.min_px = max(2, canvas.h // 32)  # thinnest a pole-like object may be drawn
+        self.min_px = max(3, canvas.h // THIN_DIVISOR)  # thinnest a pole-like object may be drawn
         self.draws: list[tuple[float, Callable[[], None]]] = []
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -367,7 +375,7 @@ class _Scene:
         shape = int(rng.integers(3))
 
         def draw_light(xl: float, y_top: float) -> None:
-            self.box(xl, y_top - 1.3, y_top, d, 0.3, LIGHT, housing, self.min_px)
+            self.box(xl, y_top - 1.6, y_top, d, 0.4, LIGHT, housing, self.min_px)
             cx, cy = self.cam(xl, y_top - 0.3 - 0.3 * int(rng.integers(2)), d)
             ppm = self.cam.ppm(d)
             rl = max(0.5, 0.12 * ppm)
@@ -376,25 +384,25 @@ class _Scene:
         def draw() -> None:
             cam, cv = self.cam, self.cv
             if kind == 3:  # mast arm over the road carrying the light
-                self.vbar(x, 0, h, d, 0.25, POLE, grey)
+                self.vbar(x, 0, h, d, 0.3, POLE, grey)
                 xa = x - side * rng.uniform(2.0, 4.0)
                 w = max(self.min_px, round(0.15 * cam.ppm(d)))
                 cv.line([cam(x, h - 0.2, d), cam(xa, h - 0.2, d)], POLE, grey, w)
                 draw_light(xa, h - 0.2)
                 return
             top = h if kind != 2 else sign_h + 0.8
-            self.vbar(x, 0, top, d, 0.25, POLE, grey)
+            self.vbar(x, 0, top, d, 0.3, POLE, grey)
             if kind == 0:  # street lamp: an arm (pole) with a head (pole)
                 xa = x - side * 1.2
                 w = max(1, round(0.12 * cam.ppm(d)))
                 cv.line([cam(x, h, d), cam(xa, h, d)], POLE, grey, w)
-                self.box(xa, h - 0.25, h, d, 0.3, POLE, (200, 200, 190))
+                self.box(xa, h - 0.25, h, d, 0.3, POLE, (200, 200, 190), self.min_px)
             elif kind == 1:
-                draw_light(x, top + 1.3)
+                draw_light(x, top + 1.6)
             else:
                 ppm = cam.ppm(d)
                 cx, cy = cam(x, sign_h + 0.4, d)
-                r = max(2.0, 0.5 * ppm)
+                r = max(2.0, 0.6 * ppm)
                 if shape == 0:
                     cv.ellipse(cx, cy, r, r, SIGN, sign_colour)
                 elif shape == 1:
@@ -466,7 +474,7 @@ class _Scene:
         def draw() -> None:
             ppm = self.cam.ppm(d)
             cx, yb = self.cam(x, y0, d)
-            w = max(self.min_px, round(0.45 * ppm))
+            w = max(self.min_px, round(0.55 * ppm))
             x0 = round(cx - w / 2)
             if seated:  # legs bent towards the pedals, torso leaning
                 self.cv.rect(x0, yb - 0.45 * h * ppm, x0 + w - 1, yb - 0.2 * h * ppm, cls, trousers)
@@ -501,6 +509,7 @@ class _Scene:
             xa, xb = cx - facing * base / 2 * ppm, cx + facing * base / 2 * ppm
             cy = yb - r
             for xw in (xa, xb):
+                cv.ellipse(xw, cy, r, r, cls, (72, 72, 76))  # spokes: labelled as the vehicle, as annotators do
                 cv.ellipse(xw, cy, r, r, cls, (20, 20, 20), width=tyre)
             if cls == BICYCLE:
                 bar = max(1, round(0.06 * ppm))
@@ -525,7 +534,7 @@ class _Scene:
         xc = rng.uniform(-1.0, 1.0)  # camera offset from the road centre
         xl, xr = xc - half, xc + half
         sw_l, sw_r = rng.uniform(2.0, 3.5), rng.uniform(2.0, 3.5)
-        bl, br = xl - sw_l - rng.uniform(0.5, 3.0), xr + sw_r + rng.uniform(0.5, 3.0)
+        bl, br = xl - sw_l - rng.uniform(2.5, 5.0), xr + sw_r + rng.uniform(2.5, 5.0)
         self.ground(xl, xr, sw_l, sw_r, bl, br)
         self.buildings(bl, -1)
         self.buildings(br, 1)
@@ -535,7 +544,7 @@ class _Scene:
 
         for side, kerb, sw in ((-1, xl, sw_l), (1, xr, sw_r)):
             d = near + rng.uniform(0, 8)
-            while d < 70:  # poles near the kerb
+            while d < 50:  # poles near the kerb
                 self.pole(kerb + side * 0.4, d, side)
                 d += rng.uniform(*st.pole_spacing)
             d = near + rng.uniform(0, 10)
@@ -562,7 +571,7 @@ class _Scene:
                     self.vehicle(x, d, cls)
 
         for _ in range(rng.poisson(st.persons)):  # pedestrians: groups on sidewalks, sometimes crossing
-            d = rng.uniform(near, 45)
+            d = rng.uniform(near, 32)
             if rng.random() < 0.15:
                 xs = rng.uniform(xl + 0.5, xr - 0.5, size=rng.integers(1, 4))
             else:
@@ -578,12 +587,12 @@ class _Scene:
                 if rng.random() < 0.5
                 else (xl + 0.8 if rng.random() < 0.5 else xr - 0.8)
             )
-            self.two_wheeler(x, rng.uniform(near, 35), cls, rider=True)
+            self.two_wheeler(x, rng.uniform(near, 28), cls, rider=True)
         for _ in range(rng.poisson(st.parked_two_wheelers)):  # parked on the sidewalk
             cls = MOTORCYCLE if rng.random() < st.p_motorcycle else BICYCLE
             side = 1 if rng.random() < 0.5 else -1
             kerb, sw = (xl, sw_l) if side < 0 else (xr, sw_r)
-            self.two_wheeler(kerb + side * rng.uniform(0.5, sw - 0.5), rng.uniform(near, 35), cls, rider=False)
+            self.two_wheeler(kerb + side * rng.uniform(0.5, sw - 0.5), rng.uniform(near, 28), cls, rider=False)
 
         for _, draw in sorted(self.draws, key=lambda t: -t[0]):  # far to near
             draw()
@@ -595,16 +604,30 @@ class _Scene:
 
 
 def _shade_fn(severity: float) -> Callable[[int, tuple], tuple[int, int, int]]:
-    """Colour of a shape of class `cls`: source colours as drawn; target colours moved by `severity` of the
-    class's palette shift (in RGB, never HSV) and desaturated."""
-    delta = PHOTO_PALETTE - GAME_PALETTE
+    """Colour of a shape of class `cls`: source colours as drawn; target colours moved by `PALETTE_SHIFT` ×
+    `severity` of the class's game -> photo shift (in RGB, never HSV) and desaturated."""
+    delta = PALETTE_SHIFT * (PHOTO_PALETTE - GAME_PALETTE)
 
     def shade(cls: int, colour: tuple) -> tuple[int, int, int]:
         if severity == 0:
             return tuple(int(v) for v in colour)
         c = np.asarray(colour, dtype=np.float32) + severity * delta[cls]
         grey = c.mean()
-        c = grey + (c - grey) * (1.0 - 0.35 * severity)
+        c = grey + (c - grey) * (1.0 - DESATURATION * severity)
+        return tuple(int(v) for v in np.clip(c, 0, 255))
+
+    return shade
+
+
+def _random_shade_fn(rng: np.random.Generator) -> Callable[[int, tuple], tuple[int, int, int]]:
+    """Pretraining domain: every class gets a random colour per image; a shape keeps its brightness relative
+    to its class's game colour (windows stay darker than their facade), so shape, not colour, tells classes."""
+    base = rng.uniform(20, 235, (NUM_CLASSES, 3)).astype(np.float32)
+    game_lum = GAME_PALETTE.mean(axis=1) + 1.0
+
+    def shade(cls: int, colour: tuple) -> tuple[int, int, int]:
+        rel = (float(np.mean(colour)) + 1.0) / game_lum[cls]
+        c = base[cls] * np.clip(rel, 0.3, 1.6)
         return tuple(int(v) for v in np.clip(c, 0, 255))
 
     return shade
@@ -619,12 +642,31 @@ def _finish_source(rng: np.random.Generator, img: np.ndarray, label: np.ndarray)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def _finish_target(rng: np.random.Generator, img: np.ndarray, label: np.ndarray, severity: float, y_h: float):
-    """Photo look at `severity` in [0, 1]: textures, haze, lighting gradient, gamma/contrast, colour cast, blur,
-    sensor noise. Each effect scales with severity; its direction is drawn per image."""
+def _cast_shadow(rng: np.random.Generator, cam: _Camera, h: int, w: int) -> np.ndarray:
+    """A building's shadow across the street: a ground-plane band from one side of the image, ``[H, W]`` in
+    [0, 1] (1 = fully in shadow), its depth range and reach drawn per image."""
+    side = 1 if rng.random() < 0.5 else -1
+    d0 = cam.zoom * rng.uniform(0.3, 3.0)
+    d1 = d0 + rng.uniform(5.0, 40.0)
+    edge = rng.uniform(-4.0, 4.0)  # where the shadow ends across the street (metres from the camera)
+    far_x = side * 60.0
+    mask = Image.new("L", (w, h))
+    ImageDraw.Draw(mask).polygon(_ground_quad(cam, edge, far_x, d0, d1), fill=255)
+    mask = mask.filter(ImageFilter.GaussianBlur(max(0.5, h / 96)))  # a soft penumbra
+    return np.asarray(mask, dtype=np.float32) / 255.0
+
+
+def _finish_target(
+    rng: np.random.Generator, img: np.ndarray, label: np.ndarray, severity: float, cam: _Camera
+) -> np.ndarray:
+    """Photo look at `severity` in [0, 1]: textures, a cast shadow, haze, lighting gradient, gamma/contrast,
+    colour cast, blur, sensor noise. Each effect scales with severity; its direction is drawn per image."""
     h, w = label.shape
     a = severity
+    y_h = cam.y_h
     out = img.astype(np.float32)
+    shadow = _cast_shadow(rng, cam, h, w) * (SHADOW_DARKENING * a * rng.uniform(0.5, 1.0))
+    out *= (1.0 - shadow)[..., None]
     coarse = rng.standard_normal((h // 4 + 2, w // 4 + 2)).astype(np.float32)
     coarse = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
     tex = TARGET_FINE[label] * rng.standard_normal((h, w)).astype(np.float32) + TARGET_COARSE[label] * coarse
@@ -654,6 +696,12 @@ def _finish_target(rng: np.random.Generator, img: np.ndarray, label: np.ndarray,
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def draw_severity(rng: np.random.Generator) -> float:
+    """One target image's severity: ``lo + (hi - lo) * Beta(a, b)`` (`TARGET_SEVERITY`, `SEVERITY_SHAPE`)."""
+    lo, hi = TARGET_SEVERITY
+    return float(lo + (hi - lo) * rng.beta(*SEVERITY_SHAPE))
+
+
 def render_scene(
     rng: np.random.Generator, domain: str, size: tuple[int, int] = (64, 128), severity: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -661,40 +709,43 @@ def render_scene(
 
     Args:
         rng: the only source of randomness (the same generator state gives the same picture).
-        domain: "source" (game-like) or "target" (photo-like).
+        domain: "source" (game-like), "target" (photo-like) or "pretrain" (random class colours, the game's
+            flat finish: the generic pretraining domain, `hias_nb.pretrain`).
         size: (H, W) in pixels.
-        severity: target only: strength of the appearance shift in [0, 1]; drawn from `TARGET_SEVERITY`
-            when None. Must be None (or 0) for the source domain.
+        severity: target only: strength of the appearance shift in [0, 1]; drawn by `draw_severity` when
+            None. Must be None (or 0) for the source domain.
 
     Returns:
         image uint8 `[H,W,3]` and label uint8 `[H,W]` (train ids 0..18).
     """
-    if domain not in ("source", "target"):
-        raise InputError(f"domain: expected 'source' or 'target', got {domain!r}")
+    if domain not in ("source", "target", "pretrain"):
+        raise InputError(f"domain: expected 'source', 'target' or 'pretrain', got {domain!r}")
     h, w = int(size[0]), int(size[1])
     if h < 16 or w < 16:
         raise InputError(f"size: toytown images must be at least 16x16, got {h}x{w}")
+    if domain != "target" and severity:
+        raise InputError("severity: only the target domain has an appearance shift")
     if domain == "source":
-        if severity:
-            raise InputError("severity: only the target domain has an appearance shift")
         a, style = 0.0, SOURCE_STYLE
-    else:
-        a = float(rng.uniform(*TARGET_SEVERITY)) if severity is None else float(severity)
+    elif domain == "target":
+        a = draw_severity(rng) if severity is None else float(severity)
         if not 0.0 <= a <= 1.0:
             raise InputError(f"severity: expected a value in [0, 1], got {severity}")
         style = TARGET_STYLE
+    else:  # a third look for generic pretraining: random class colours, flat like the game
+        a, style = 0.0, SOURCE_STYLE if rng.random() < 0.5 else TARGET_STYLE
     y_h = h * rng.uniform(*style.horizon)
     cam = _Camera(x_v=w / 2 + w * rng.uniform(-0.1, 0.1), y_h=y_h, f=(h - y_h) / CAMERA_HEIGHT, zoom=style.zoom)
-    canvas = _Canvas(h, w, _shade_fn(a))
+    canvas = _Canvas(h, w, _random_shade_fn(rng) if domain == "pretrain" else _shade_fn(a))
     sky_top = _jitter(rng, GAME_PALETTE[SKY], 10)
     canvas.poly([(0, 0), (w, 0), (w, h), (0, h)], SKY, sky_top)
     _Scene(rng, style, canvas, cam).build()
     img = np.asarray(canvas.img)
     label = np.asarray(canvas.lab).copy()
-    if domain == "source":
+    if domain == "target":
+        img = _finish_target(rng, img, label, a, cam)
+    else:  # the pretraining domain never sees the target's photo finish
         img = _finish_source(rng, img, label)
-    else:
-        img = _finish_target(rng, img, label, a, y_h)
     return img, label
 
 
@@ -732,12 +783,16 @@ def _generator_params() -> dict[str, Any]:
     return {
         "camera_height_m": CAMERA_HEIGHT,
         "target_severity": list(TARGET_SEVERITY),
+        "severity_shape": list(SEVERITY_SHAPE),
+        "palette_shift": PALETTE_SHIFT,
+        "desaturation": DESATURATION,
+        "shadow_darkening": SHADOW_DARKENING,
         "source_style": dataclasses.asdict(SOURCE_STYLE),
         "target_style": dataclasses.asdict(TARGET_STYLE),
         "game_palette": GAME_PALETTE.astype(int).tolist(),
         "photo_palette": PHOTO_PALETTE.astype(int).tolist(),
         "png_compress_level": PNG_COMPRESS_LEVEL,
-        "min_thin_px": "max(2, H // 32)",
+        "min_thin_px": f"max(3, H // {THIN_DIVISOR})",
     }
 
 
@@ -783,6 +838,11 @@ def _existing(out: Path, seed: int, size: tuple[int, int], images: int) -> dict 
     manifest = read_manifest(out)
     if manifest is not None and _matches(manifest, seed, size, images):
         return manifest
+    if manifest is not None and manifest.get("version") != VERSION:
+        raise InputError(
+            f"{out}/manifest.json: version: holds toytown version {manifest.get('version')}, this hias_nb generates "
+            f"version {VERSION}; versions are never mixed: remove the folder or choose another data_root"
+        )
     raise InputError(
         f"{out}: folder is not empty and does not hold toytown with seed={seed}, size={list(size)}, "
         f"images={images}; choose another folder or empty it"

@@ -1,0 +1,70 @@
+"""Training-step cost of candidate toytown backbones at output stride 8, measured side by side in one run.
+
+    python benchmarks/bench_backbones.py [--size 96 192] [--batch 16] [--steps 6] [--amp]
+        [--backbones resnet10t regnetx_002 ...]
+
+Each candidate is the demo's model (`hias_nb.models.DeepLabV2`: the timm backbone at output stride 8 plus the
+summed ASPP head with toytown's rates) doing forward, cross-entropy, backward and an AdamW step on random
+inputs, on the threads torch is given (2 on the project's reference machine). Prints the median seconds per
+step after one warm-up step, the parameter count and the ratio to the first backbone. The mIoU each reaches per
+CPU-second is measured by training runs, not here (docs/toytown.md, "Design measurements").
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hias_nb.models import DeepLabV2
+from hias_nb.runner import autocast_context
+
+CANDIDATES = ("resnet10t", "resnet14t", "resnet18", "regnetx_002", "regnety_002", "mobilenetv3_large_100",
+              "efficientnet_lite0", "lcnet_100")  # fmt: skip
+
+
+def step_seconds(backbone: str, size: tuple[int, int], batch: int, steps: int, amp: bool) -> tuple[float, float]:
+    """Median seconds of one training step and the parameter count in millions."""
+    torch.manual_seed(0)
+    model = DeepLabV2(backbone, num_classes=19, aspp_rates=(1, 2, 4, 6))
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    x = torch.randn(batch, 3, *size)
+    y = torch.randint(0, 19, (batch, *size))
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        with autocast_context("cpu", amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]), sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, nargs=2, default=(96, 192))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (fast only with native bf16)")
+    ap.add_argument("--backbones", nargs="+", default=list(CANDIDATES))
+    args = ap.parse_args()
+    print(f"threads {torch.get_num_threads()}, size {args.size[0]}x{args.size[1]}, batch {args.batch}, amp {args.amp}")
+    base = None
+    for name in args.backbones:
+        try:
+            sec, params = step_seconds(name, tuple(args.size), args.batch, args.steps, args.amp)
+        except Exception as e:  # a candidate that timm cannot build at output stride 8 is reported, not fatal
+            print(f"{name:24s} not measurable: {e}")
+            continue
+        base = base or sec
+        print(f"{name:24s} {sec:6.3f} s/step  {params:5.1f} M params  ×{sec / base:4.2f} of {args.backbones[0]}")
+
+
+if __name__ == "__main__":
+    main()
