@@ -4,7 +4,8 @@ A stage supplies only what is its own — its config, its model set-up and its s
 does the rest, the same way for every stage:
 
 1. refuse or skip: a folder with the stage's final file, the same config and the same inputs (model files by
-   their bytes, a pseudo-label folder by its record: ``inputs.yaml``) is complete (nothing to do); one with
+   their bytes, a pseudo-label folder by its record, the data by its samples: ``inputs.yaml``) is complete
+   (nothing to do); one with
    another config or other inputs, or a foreign non-empty folder, is refused (exit 2), so nothing written before
    is lost or mixed; the folder is locked while this process works in it;
 2. prepare the run folder (``config.yaml`` and ``inputs.yaml``, written once the stage could be built) and check
@@ -24,6 +25,7 @@ Also here: the pieces every loop uses (learning-rate schedule, endless seeded sa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +59,7 @@ __all__ = [
     "Stage",
     "run_stage",
     "input_identity",
+    "dataset_identity",
     "make_optimizer",
     "lr_factor",
     "set_lr",
@@ -129,15 +132,39 @@ def _check_finite(stage: Stage, out: Path, iteration: int) -> None:
 
 def input_identity(cfg: Any) -> dict[str, str]:
     """What a stage starts from beyond its config: the model files it loads by their bytes (sha256), a
-    pseudo-label folder by its record (``summary.json``, which names the model and images it was made from).
-    A missing file is an `InputError` here, before any work."""
+    pseudo-label folder by its record (``summary.json``, which names the model and images it was made from),
+    and the data it reads (`dataset_identity`). A missing file is an `InputError` here, before any work."""
     ids = {}
     for name in ("init_checkpoint", "pretrained"):
         if getattr(cfg, name, None):
             ids[f"{name}_sha256"] = file_sha256(getattr(cfg, name))
     if getattr(cfg, "pseudo_dir", None):
         ids["pseudo_dir_sha256"] = file_sha256(Path(cfg.pseudo_dir) / "summary.json")
+    splits = [getattr(cfg, k) for k in DATA_SPLIT_KEYS if getattr(cfg, k, None)]
+    if splits and getattr(cfg, "dataset", None) and getattr(cfg, "data_root", None):
+        ids |= dataset_identity(cfg.dataset, cfg.data_root, splits)
     return ids
+
+
+DATA_SPLIT_KEYS = ("split", "source_split", "target_split")  # the stage-config keys that name splits read
+
+
+def dataset_identity(dataset: str, data_root: str | Path, splits: list[str]) -> dict[str, str]:
+    """The data a stage reads, cheaply: its folder, and a sha256 over every sample's id and the byte sizes of its
+    image and label files in `splits`, plus a ``manifest.json`` in `data_root` (toytown's version, seed and
+    size). Files replaced by others of another size, added or removed change it; contents are not read (a
+    Cityscapes-sized set would take minutes)."""
+    from hias_nb.data import SegDataset  # local: the data package imports the runner's users
+
+    h = hashlib.sha256()
+    for split in splits:
+        for s in SegDataset(dataset, data_root, split).samples:
+            label = s.label.stat().st_size if s.label is not None and s.label.exists() else -1
+            h.update(f"{split}\t{s.id}\t{s.image.stat().st_size}\t{label}\n".encode())
+    manifest = Path(data_root) / "manifest.json"
+    if manifest.is_file():
+        h.update(manifest.read_bytes())
+    return {"data_root": str(Path(data_root).resolve()), "data_sha256": h.hexdigest()}
 
 
 def _claim(out: Path, cfg: Any, inputs: dict[str, str], write: bool) -> None:

@@ -60,7 +60,7 @@ def test_help_for_every_command(capsys):
         (["demo", "--rounds", "0"], "--rounds"),
         (["demo", "--alhpa", "0.2"], "did you mean alpha"),
         (["demo", "--alpha", "high"], "pseudo.alpha"),
-        (["demo", "--lr", "1e-4"], "source.lr, warmup.lr or round.lr"),
+        (["demo", "--lr", "1e-4"], "pretrain.lr, source.lr, warmup.lr or round.lr"),
         (["demo", "--round.seed", "3"], "round.seed"),
         (["demo", "--config", "/nonexistent/demo.yaml"], "/nonexistent/demo.yaml"),
         (["demo", "--warmup.iterations", "-1"], "warmup.iterations"),
@@ -176,6 +176,7 @@ def fake_stages(monkeypatch):
         "adversarial_warmup": record("warmup", lambda out: out),
         "generate_pseudo_labels": record("pseudo", lambda out: out),
         "self_train": record("self_train", lambda out: out),
+        "pretrain": record("pretrain", lambda out: out / "backbone.pt"),
         "_figures": lambda report, out: None,
     }
     for name, fake in fakes.items():
@@ -193,7 +194,8 @@ def test_demo_alpha_reaches_the_pseudo_label_stage_and_is_saved(fake_stages, tmp
     assert main(["demo", "--alpha", "0.2", "--out", str(out), "--device", "cpu", "--data-root", "dr"]) == 0
     (pseudo,) = _of(fake_stages, "pseudo")
     assert pseudo.alpha == 0.2 and pseudo.out == str(out / "round_1" / "pseudo") and pseudo.data_root == "dr"
-    assert [k for k, _ in fake_stages] == ["train_source", "warmup", "pseudo", "self_train", "train_source"]
+    kinds = ["pretrain", "train_source", "warmup", "pseudo", "self_train", "train_source"]
+    assert [k for k, _ in fake_stages] == kinds
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["pseudo"]["alpha"] == 0.2 and saved["out"] == str(out) and "checkpoint" not in saved["pseudo"]
     assert json.loads((out / "report.json").read_text())["config"]["demo"] == saved

@@ -23,8 +23,10 @@ NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 QUICK_RUN = REPO / "runs" / "tests" / "demo_quick"  # named like the notebooks' QUICK default (test_browser links it)
 # The quick demo with every training stage cut to a few iterations (same stages, files and data).
-TINY = {"source.iterations": 40, "warmup.iterations": 10, "round.iterations": 20}
+TINY = {"source.iterations": 40, "warmup.iterations": 10, "round.iterations": 20, "pretrain.iterations": 20,
+        "pretrain.images": 64}  # fmt: skip
 TOYTOWN = REPO / "data" / "toytown"
+PRETRAIN = REPO / "runs" / "tests" / "pretrain"  # the tiny pretraining, apart from the demo's cache
 
 # A notebook cell may take a while on 2 shared cores (training a few iterations, building histograms).
 CELL_TIMEOUT_S = 300
@@ -42,7 +44,7 @@ def ensure_quick_run() -> Path:
     from hias_nb.demo import run_demo
 
     if not (QUICK_RUN / "report.json").exists():
-        run_demo(quick=True, out=str(QUICK_RUN), data_root=str(TOYTOWN), **TINY)
+        run_demo(quick=True, out=str(QUICK_RUN), data_root=str(TOYTOWN), pretrain_root=str(PRETRAIN), **TINY)
     return QUICK_RUN
 
 

@@ -160,6 +160,8 @@ def test_demo_end_to_end_tiny(tiny_toytown, tmp_path, capsys):
     tiny = {"quick": True, "out": str(tmp_path / "demo"), "data_root": str(tiny_toytown), "images": 24}
     tiny |= {"size": (32, 64), "source.iterations": 6, "round.iterations": 4, "warmup.iterations": 3, "rounds": 2}
     tiny |= {"source.batch_size": 4, "warmup.batch_size": 4, "round.batch_size": 4, "adabn_batch_size": 4}
+    tiny |= {"pretrain_root": str(tmp_path / "pretrain"), "pretrain.iterations": 2, "pretrain.images": 4,
+             "pretrain.batch_size": 4, "pretrain.num_workers": 1}  # fmt: skip
     report = run_demo(**tiny)
     names = [s["name"] for s in report["stages"]]
     assert names == ["source_only", "source_only_adabn", "warmup", "round_1", "round_2"]

@@ -250,3 +250,37 @@ def test_a_finished_folder_is_checked_not_rewritten(tmp_path):
     (out / "config.yaml").write_bytes(b"\xff\xfe not yaml")
     with pytest.raises(InputError, match="not a config this project wrote"):
         run(LineConfig(out=str(tmp_path / "a")))
+
+
+def test_dataset_identity_follows_the_files_not_their_location_in_time(tiny_toytown, tmp_path):
+    import shutil
+
+    from hias_nb.runner import dataset_identity
+
+    data = tmp_path / "tt"
+    shutil.copytree(tiny_toytown, data)
+    a = dataset_identity("toytown", data, ["source_train"])
+    assert a == dataset_identity("toytown", data, ["source_train"])  # deterministic
+    assert a["data_root"] == str(data.resolve())
+    assert a != dataset_identity("toytown", data, ["target_train"])  # another split
+    label = next((data / "source" / "train" / "labels").glob("*.png"))
+    label.write_bytes(label.read_bytes() + b"\0")  # another file of another size at the same path
+    assert a["data_sha256"] != dataset_identity("toytown", data, ["source_train"])["data_sha256"]
+
+
+def test_a_training_stage_refuses_to_resume_on_changed_data(tiny_toytown, tmp_path):
+    import shutil
+
+    from hias_nb.train import TrainConfig, train_source
+
+    data = tmp_path / "tt"
+    shutil.copytree(tiny_toytown, data)
+    cfg = TrainConfig(out=str(tmp_path / "run"), data_root=str(data), iterations=4, batch_size=2, stop_after=1,
+                      progress=False, device="cpu", warmup=1)  # fmt: skip
+    train_source(cfg)
+    assert "data_sha256" in (tmp_path / "run" / "inputs.yaml").read_text()
+    image = sorted((data / "source" / "train" / "images").glob("*.png"))[-1]
+    image.unlink()  # the split lost an image: resuming would train on another data set
+    (data / "source" / "train" / "labels" / image.name).unlink()
+    with pytest.raises(InputError, match="data_sha256"):
+        train_source(cfg)
