@@ -49,6 +49,7 @@ from hias_nb.runs import (
     claim_config,
     load_state,
     prepare_run_dir,
+    record_resume_changes,
     resolve_device,
     run_lock,
     save_state,
@@ -167,9 +168,10 @@ def dataset_identity(dataset: str, data_root: str | Path, splits: list[str]) -> 
     return {"data_root": str(Path(data_root).resolve()), "data_sha256": h.hexdigest()}
 
 
-def _claim(out: Path, cfg: Any, inputs: dict[str, str], write: bool) -> None:
-    """The folder holds this run: the same config (``config.yaml``) and the same inputs (``inputs.yaml``)."""
-    prepare_run_dir(out, cfg, write)
+def _claim(out: Path, cfg: Any, inputs: dict[str, str], write: bool, resuming: bool = False) -> None:
+    """The folder holds this run: the same config (``config.yaml``; `RESUME_CHANGEABLE` keys may differ when
+    `resuming`) and the same inputs (``inputs.yaml``)."""
+    prepare_run_dir(out, cfg, write, resuming)
     claim_config(out / "inputs.yaml", inputs, write=write)
 
 
@@ -199,8 +201,8 @@ def run_stage(cfg: Any, name: str, done: str, build: Callable[[str, int], Stage]
     inputs = input_identity(cfg)
     if _already_complete(out, cfg, inputs, done, name):
         return out
-    if distributed.is_main():
-        _claim(out, cfg, inputs, write=False)  # refuse another run's or a foreign folder before any work
+    if distributed.is_main():  # refuse another run's or a foreign folder before any work
+        _claim(out, cfg, inputs, write=False, resuming=(out / "state.pt").exists())
     with run_lock(out) if distributed.is_main() else contextlib.nullcontext():
         return _run(cfg, name, out, device, inputs, build)
 
@@ -213,9 +215,14 @@ def _run(
         raise InputError(f"batch_size: {cfg.batch_size} does not divide over {distributed.world_size()} processes")
     state = load_state(out / "state.pt")
     start = int(state["iteration"]) if state is not None else 0
+    if cfg.iterations < start:
+        raise InputError(f"iterations: {cfg.iterations} is below the iteration this run reached ({start})")
     stage = build(device, start)
     if distributed.is_main():  # the stage could be set up (data, models): now the folder holds this run
-        _claim(out, cfg, inputs, write=True)
+        if state is not None:
+            for key, (old, new) in record_resume_changes(out, cfg, start).items():
+                print(f"{out}: resuming with {key} {new} (was {old}); recorded in resumes.yaml")
+        _claim(out, cfg, inputs, write=True, resuming=state is not None)
     if state is not None:
         for key, part in stage.parts.items():
             _restore(part, state[key])

@@ -29,6 +29,8 @@ from hias_nb.io import atomic_path
 
 __all__ = [
     "prepare_run_dir",
+    "record_resume_changes",
+    "RESUME_CHANGEABLE",
     "claim_config",
     "check_writable",
     "run_lock",
@@ -42,15 +44,20 @@ __all__ = [
 # Keys that may change between an interrupted run and its resumption without changing the result ("out": a moved
 # run still resumes; "max_loss" only decides whether a diverging run stops).
 _RESUME_FREE = {"out", "device", "num_workers", "progress", "stop_after", "checkpoint_every", "max_loss"}
+# Keys an interrupted run may change when it resumes (a diverging run resumed at a lower lr, a run extended): they
+# change the result from the resumed iteration on, so each change is recorded in the folder's ``resumes.yaml``.
+# A finished run keeps them fixed.
+RESUME_CHANGEABLE = ("lr", "iterations")
 
 
 LOCK_FILE = ".hias_nb.lock"
 
 
-def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True) -> Path:
-    """Create `out` and write ``config.yaml``; an existing run must have the same config (except device etc.).
-    ``write=False`` only checks (a stage writes once it has started, so a failed start blocks no corrected
-    re-run). A folder with files but no ``config.yaml`` is not a hias_nb run: it is refused, never adopted."""
+def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True, resuming: bool = False) -> Path:
+    """Create `out` and write ``config.yaml``; an existing run must have the same config (except device etc.,
+    and `RESUME_CHANGEABLE` when `resuming` an unfinished run). ``write=False`` only checks (a stage writes once
+    it has started, so a failed start blocks no corrected re-run). A folder with files but no ``config.yaml`` is
+    not a hias_nb run: it is refused, never adopted."""
     out = Path(out)
     if out.is_dir() and not (out / "config.yaml").exists():
         foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
@@ -60,8 +67,26 @@ def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True) -> Path:
                 "folder for --out"
             )
     out.mkdir(parents=True, exist_ok=True)
-    claim_config(out / "config.yaml", config_to_dict(cfg), _RESUME_FREE, write)
+    free = _RESUME_FREE | set(RESUME_CHANGEABLE) if resuming else _RESUME_FREE
+    claim_config(out / "config.yaml", config_to_dict(cfg), free, write)
     return out
+
+
+def record_resume_changes(out: str | Path, cfg: Any, iteration: int) -> dict[str, list]:
+    """Before a resumed run's ``config.yaml`` is rewritten: append the `RESUME_CHANGEABLE` keys whose values
+    differ from the folder's to ``resumes.yaml`` (``- {iteration: 200, lr: [0.002, 0.0005]}``), so the folder
+    says how its result came about; returns the changes ({key: [old, new]})."""
+    out = Path(out)
+    old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    new = config_to_dict(cfg)
+    changed = {k: [old.get(k), new.get(k)] for k in RESUME_CHANGEABLE if k in new and old.get(k) != new.get(k)}
+    if changed:
+        path = out / "resumes.yaml"
+        history = (yaml.safe_load(path.read_text()) or []) if path.exists() else []
+        history.append({"iteration": int(iteration), **changed})
+        with atomic_path(path) as tmp:
+            tmp.write_text(yaml.safe_dump(history, sort_keys=False))
+    return changed
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -4,6 +4,7 @@ exact resumption after `stop_after`, refusal of another config, the non-finite s
 from __future__ import annotations
 
 import csv
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,8 +112,8 @@ def test_stop_after_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_another_config_is_refused_and_validate_runs_first(tmp_path):
     run(LineConfig(out=str(tmp_path / "a"), stop_after=2))
-    with pytest.raises(InputError, match="lr"):
-        run(LineConfig(out=str(tmp_path / "a"), lr=0.05))
+    with pytest.raises(InputError, match="batch_size"):  # lr and iterations may change on resume; this may not
+        run(LineConfig(out=str(tmp_path / "a"), batch_size=8))
     with pytest.raises(InputError, match="lr: must be positive"):
         run(LineConfig(out=str(tmp_path / "b"), lr=-1.0))
     assert not (tmp_path / "b").exists()  # refused before the folder is made
@@ -284,3 +285,40 @@ def test_a_training_stage_refuses_to_resume_on_changed_data(tiny_toytown, tmp_pa
     (data / "source" / "train" / "labels" / image.name).unlink()
     with pytest.raises(InputError, match="data_sha256"):
         train_source(cfg)
+
+
+def test_resuming_may_change_lr_and_iterations_and_records_it(tmp_path):
+    import yaml
+
+    out = tmp_path / "a"
+    run(LineConfig(out=str(out), stop_after=4, lr=0.1))
+    with pytest.raises(InputError, match="iterations: 3 is below the iteration this run reached"):
+        run(LineConfig(out=str(out), lr=0.1, iterations=3))
+    run(LineConfig(out=str(out), lr=0.05, iterations=12))  # a lower lr for the rest, and a longer run
+    assert yaml.safe_load((out / "resumes.yaml").read_text()) == [{"iteration": 4, "lr": [0.1, 0.05],
+                                                                    "iterations": [10, 12]}]  # fmt: skip
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["lr"], saved["iterations"]) == (0.05, 12)
+    log = rows(out)
+    assert len(log) == 12 and float(log[3]["lr"]) == 0.1 and float(log[4]["lr"]) == 0.05
+    # a finished run keeps them fixed: another lr is another run
+    with pytest.raises(InputError, match=r"different config \(lr: 0\.05 there, 0\.01 now\)"):
+        run(LineConfig(out=str(out), lr=0.01, iterations=12))
+    # and a run that never stopped records nothing
+    run(LineConfig(out=str(tmp_path / "b")))
+    assert not (tmp_path / "b" / "resumes.yaml").exists()
+
+
+def test_a_resumed_training_stage_follows_the_new_lr_schedule(tiny_toytown, tmp_path):
+    from hias_nb.runner import lr_factor
+    from hias_nb.train import TrainConfig, train_source
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), data_root=str(tiny_toytown), iterations=4, batch_size=2,
+                      stop_after=2, progress=False, device="cpu", warmup=1, lr=1e-3)  # fmt: skip
+    train_source(cfg)
+    train_source(dataclasses.replace(cfg, stop_after=None, lr=4e-4, iterations=5))
+    lrs = [float(r["lr"]) for r in rows(tmp_path / "run")]
+    expected = [1e-3 * lr_factor(i, 4, "poly", 1) for i in (0, 1)] + [
+        4e-4 * lr_factor(i, 5, "poly", 1) for i in (2, 3, 4)
+    ]
+    assert lrs == pytest.approx(expected, rel=1e-5)  # log.csv keeps 6 significant digits
