@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ __all__ = [
     "run_stage",
     "input_identity",
     "dataset_identity",
+    "check_free_space",
     "make_optimizer",
     "lr_factor",
     "set_lr",
@@ -110,6 +112,34 @@ class Stage(Protocol):
 
 def _state_of(part: Any) -> Any:
     return part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor in a (nested) state."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def check_free_space(out: Path, stage: Stage) -> None:
+    """Refuse (`InputError`) to start when `out` cannot hold the first checkpoint: ``state.pt`` (every part's
+    state; an optimiser's moments are estimated as two copies of its parameters, they are created lazily) and
+    the final model files, written through a temporary copy, with a margin."""
+    params = sum(
+        _tensor_bytes(list(p.param_groups[i]["params"])) for p in stage.parts.values()
+        if isinstance(p, torch.optim.Optimizer) for i in range(len(p.param_groups))
+    )  # fmt: skip
+    modules = sum(_tensor_bytes(p.state_dict()) for p in stage.parts.values() if isinstance(p, nn.Module))
+    need = 2 * (modules + 2 * params) + modules + (16 << 20)
+    free = shutil.disk_usage(str(out)).free
+    if free < need:
+        raise InputError(
+            f"out: {out} has {free / 2**20:.0f} MiB free; the first checkpoint needs about {need / 2**20:.0f} MiB"
+        )
 
 
 def _restore(part: Any, value: Any) -> None:
@@ -219,6 +249,7 @@ def _run(
         raise InputError(f"iterations: {cfg.iterations} is below the iteration this run reached ({start})")
     stage = build(device, start)
     if distributed.is_main():  # the stage could be set up (data, models): now the folder holds this run
+        check_free_space(out, stage)
         if state is not None:
             for key, (old, new) in record_resume_changes(out, cfg, start).items():
                 print(f"{out}: resuming with {key} {new} (was {old}); recorded in resumes.yaml")

@@ -322,3 +322,24 @@ def test_a_resumed_training_stage_follows_the_new_lr_schedule(tiny_toytown, tmp_
         4e-4 * lr_factor(i, 5, "poly", 1) for i in (2, 3, 4)
     ]
     assert lrs == pytest.approx(expected, rel=1e-5)  # log.csv keeps 6 significant digits
+
+
+def test_a_disk_too_full_for_the_first_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 1 << 20))
+    with pytest.raises(InputError, match=r"out: .* has 1 MiB free; the first checkpoint needs about 16 MiB"):
+        run(LineConfig(out=str(tmp_path / "a")))
+    assert not (tmp_path / "a" / "config.yaml").exists()  # nothing blocks the re-run once there is room
+    monkeypatch.undo()
+    assert (run(LineConfig(out=str(tmp_path / "a"))) / "final.pt").exists()
+
+
+def test_free_space_estimate_counts_model_and_optimiser_state():
+    from hias_nb.runner import _tensor_bytes
+
+    model = nn.Linear(100, 10)  # 1010 float32 parameters: 4040 bytes
+    assert _tensor_bytes(model.state_dict()) == 4040
+    assert _tensor_bytes({"a": [torch.zeros(3, dtype=torch.float64)], "b": 1}) == 24
