@@ -9,8 +9,10 @@ one several stages have).
 from __future__ import annotations
 
 import argparse
+import builtins
 import sys
 from pathlib import Path
+from typing import Any
 
 from hias_nb.errors import InputError
 
@@ -180,7 +182,10 @@ def _cmd_evaluate(args) -> int:
     _check_evaluate_numbers(args)
     if args.json:
         check_writable(args.json, "--json")
+    from hias_nb import distributed
+
     device = resolve_device(args.device)
+    distributed.init_distributed(device)  # under torchrun: each process evaluates its share of the images
     split = args.split or ("target_val" if args.dataset == "toytown" else "val")
     ds = SegDataset(args.dataset, args.data_root, split, size=tuple(args.resize) if args.resize else None)
     meta = checkpoint_meta(ckpt)
@@ -212,6 +217,8 @@ def _cmd_evaluate(args) -> int:
         flip=args.flip,
         size=tuple(args.size) if args.size else None,
     )
+    if not distributed.is_main():
+        return 0  # rank 0 holds the summed confusion matrix and writes
     print(result.table(args.name).round(2).to_string())
     print(f"mIoU ({ds.protocol.name}, {len(ds)} images): {result.miou:.2f}")
     if args.json:
@@ -236,6 +243,7 @@ def _cmd_stage(name: str, config: str | None, rest: list[str]) -> int:
     from hias_nb.config import load_config, parse_overrides
 
     overrides = parse_overrides(rest)
+    print = _main_print  # noqa: A001 (under torchrun: one line per job, from the process that wrote the files)
     if name == "train-source":
         from hias_nb.train import TrainConfig, train_source
 
@@ -259,6 +267,14 @@ def _cmd_stage(name: str, config: str | None, rest: list[str]) -> int:
     run = self_train(load_config(SelfTrainConfig, config, overrides))
     print(f"student and teacher written to {run}")
     return 0
+
+
+def _main_print(*args: Any, **kwargs: Any) -> None:
+    """`print` on the process that writes the files (rank 0) only."""
+    from hias_nb import distributed
+
+    if distributed.is_main():
+        builtins.print(*args, **kwargs)
 
 
 def _cmd_demo(args, rest: list[str]) -> int:

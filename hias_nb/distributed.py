@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init_distributed", "world_size", "rank", "is_main", "all_reduce_sum", "barrier", "wrap"]
+__all__ = ["init_distributed", "world_size", "rank", "is_main", "all_reduce_sum", "all_gather_object", "barrier",
+           "wrap"]  # fmt: skip
 
 
 def init_distributed(device: str) -> None:
@@ -42,17 +43,30 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_object(obj: object) -> list:
+    """`obj` of every process, by rank (``[obj]`` alone)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 def wrap(model: nn.Module) -> nn.Module:
-    """The module a process trains: `model` itself alone, DDP with synchronised BatchNorm under torchrun.
+    """The module a process trains: `model` itself alone, DDP under torchrun (BatchNorm synchronised across
+    processes on GPUs; on CPU each process's BatchNorm sees its share of the batch).
 
     The conversion replaces BatchNorm layers inside `model`, so `model` (not the wrapper) still holds the weights
     and state-dict keys a checkpoint saves.
     """
     if world_size() == 1:
         return model
-    return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    if dist.get_backend() == "nccl":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # gloo (CPU): torch's SyncBatchNorm runs on GPUs only, so each process normalises with its own batch share
+    return nn.parallel.DistributedDataParallel(model)

@@ -108,12 +108,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(protocol.num_classes)
-    sampler = None
-    if distributed.world_size() > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=False, drop_last=False)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers
-    )
+    if distributed.world_size() > 1:  # every image exactly once: rank r takes r, r + world, ... (no padding)
+        dataset = torch.utils.data.Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     for batch in tqdm(
         loader, desc=desc, disable=not (progress and distributed.is_main()), leave=False, dynamic_ncols=True
     ):

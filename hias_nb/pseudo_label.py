@@ -19,6 +19,7 @@ appended or mixed — docs/method.md B16):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import time
@@ -32,7 +33,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from hias_nb import selectors
+from hias_nb import distributed, selectors
 from hias_nb.classes import IGNORE
 from hias_nb.config import check_ranges, config_to_dict
 from hias_nb.data import SegDataset
@@ -172,18 +173,33 @@ def _predictions(
 ) -> Iterator[tuple[list[dict], torch.Tensor, torch.Tensor]]:
     """``(items, conf, pred)`` per selection batch, in order: conf float32 `[B,H,W]` (max softmax probability),
     pred int64 `[B,H,W]` (argmax). ``per_forward`` batches share one model forward (eval mode: the outputs do not
-    depend on the forward's batch size). `bar`: tqdm keywords."""
-    with tqdm(total=len(batches), **bar) as progress:
-        for j in range(0, len(batches), per_forward):
-            group = batches[j : j + per_forward]
-            items = [ds[i] for idx in group for i in idx]
-            conf, pred = predict_probs(model, torch.stack([it["image"] for it in items]).to(device)).max(1)
-            start = 0
-            for idx in group:
-                sl = slice(start, start + len(idx))
-                yield items[sl], conf[sl].float(), pred[sl]
-                start += len(idx)
-                progress.update()
+    depend on the forward's batch size). `bar`: tqdm keywords.
+
+    Under torchrun the forwards are shared: process r runs forward r of every `world_size` consecutive ones, and
+    rank 0 receives them all and yields them in the visiting order (other ranks yield nothing), so the selector
+    sees exactly what one process would."""
+    world, rank = distributed.world_size(), distributed.rank()
+    forwards = [batches[j : j + per_forward] for j in range(0, len(batches), per_forward)]
+    with tqdm(total=len(batches), **{**bar, "disable": bar.get("disable") or rank > 0}) as progress:
+        for k in range(0, len(forwards), world):
+            mine = forwards[k + rank] if k + rank < len(forwards) else []
+            own = [ds[i] for idx in mine for i in idx]
+            out = None
+            if own:
+                conf, pred = predict_probs(model, torch.stack([it["image"] for it in own]).to(device)).max(1)
+                out = (conf.float(), pred) if world == 1 else (conf.float().cpu(), pred.to(torch.uint8).cpu())
+            results = distributed.all_gather_object(out) if world > 1 else [out]
+            if rank > 0:
+                continue
+            for r, (group, res) in enumerate(zip(forwards[k : k + world], results, strict=False)):
+                items = own if r == 0 else [ds[i] for idx in group for i in idx]
+                conf, pred = res[0].to(device), res[1].to(device).long()
+                start = 0
+                for idx in group:
+                    sl = slice(start, start + len(idx))
+                    yield items[sl], conf[sl], pred[sl]
+                    start += len(idx)
+                    progress.update()
 
 
 def _image_stats(
@@ -293,12 +309,17 @@ def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     t0 = time.perf_counter()
+    distributed.init_distributed(resolve_device(cfg.device))
     ds = SegDataset(cfg.dataset, cfg.data_root, cfg.split, size=cfg.resize)
     inputs = _inputs(cfg, ds)
     if _finished(out, cfg, inputs):
         return out
-    with run_lock(out.parent, f".{out.name}.lock"):  # a second run into `out` is refused, not interleaved
-        return _generate(cfg, out, ds, inputs, t0)
+    main = distributed.is_main()
+    # a second run into `out` is refused, not interleaved (rank 0 holds the lock; it alone writes)
+    with run_lock(out.parent, f".{out.name}.lock") if main else contextlib.nullcontext():
+        _generate(cfg, out, ds, inputs, t0)
+    distributed.barrier()
+    return out
 
 
 def _generate(cfg: PseudoLabelConfig, out: Path, ds: SegDataset, inputs: dict[str, str], t0: float) -> Path:
@@ -308,10 +329,12 @@ def _generate(cfg: PseudoLabelConfig, out: Path, ds: SegDataset, inputs: dict[st
     model = load_model(cfg.checkpoint, device, num_classes=num_classes).eval()
     order = visiting_order(len(ds), cfg.batch_size, cfg.order, cfg.seed)
     selector = _selector(cfg, num_classes)
+    main = distributed.is_main()
     tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # an interrupted earlier attempt: start over, never mix
-    (tmp / "labels").mkdir(parents=True)
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # an interrupted earlier attempt: start over, never mix
+        (tmp / "labels").mkdir(parents=True)
 
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     per_forward = max(1, cfg.forward_batch // cfg.batch_size)
@@ -328,6 +351,8 @@ def _generate(cfg: PseudoLabelConfig, out: Path, ds: SegDataset, inputs: dict[st
         for item, lab in zip(items, labels, strict=True):
             write_png(tmp / "labels" / f"{item['name']}.png", lab.to(torch.uint8).cpu().numpy())
         records.add(items, conf, pred, labels)
+    if not main:
+        return out  # the other processes only ran their share of the forwards
 
     stats = records.write(tmp, selector)
     summary = {**_summary(cfg, ds, order, selector, records.values, stats), "inputs": inputs}

@@ -256,7 +256,9 @@ def _run(
         _claim(out, cfg, inputs, write=True, resuming=state is not None)
     if state is not None:
         for key, part in stage.parts.items():
-            _restore(part, state[key])
+            per_rank = state.get("generator_ranks", {}).get(key, [])
+            same_world = len(per_rank) == distributed.world_size()
+            _restore(part, per_rank[distributed.rank()] if same_world else state[key])
         if distributed.is_main():
             print(f"{out / 'state.pt'}: resuming at iteration {start}/{cfg.iterations}")
     stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
@@ -290,10 +292,14 @@ def _loop(stage: Stage, cfg: Any, out: Path, name: str, start: int, stop: int) -
         if log is not None:
             row = {k: float(f"{v:.6g}") for k, v in terms.items()}
             log.write({"iteration": it + 1, **row, "seconds": round(time.perf_counter() - t0, 2)})
-        if main and save_due(it + 1, cfg.checkpoint_every, stop):
-            _check_finite(stage, out, it + 1)
-            parts = {key: _state_of(part) for key, part in stage.parts.items()}
-            save_state(out / "state.pt", {**parts, "iteration": it + 1})
+        if save_due(it + 1, cfg.checkpoint_every, stop):
+            # every process's generator state (each draws its own views), gathered by all of them
+            ranks = {key: distributed.all_gather_object(part.get_state())
+                     for key, part in stage.parts.items() if isinstance(part, torch.Generator)}  # fmt: skip
+            if main:
+                _check_finite(stage, out, it + 1)
+                parts = {key: _state_of(part) for key, part in stage.parts.items()}
+                save_state(out / "state.pt", {**parts, "iteration": it + 1, "generator_ranks": ranks})
     bar.close()
     return time.perf_counter() - t0
 
