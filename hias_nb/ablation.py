@@ -14,7 +14,9 @@ the demo's self-training rounds from them with one setting changed:
 
 Settings: the demo's (`hias_nb.demo.DemoConfig`): ``--config FILE`` and ``--key value`` overrides apply to every
 variant and the control; ``OUT/config.yaml`` records them. Results go to a long CSV, one row per (variant, seed,
-stage): ``variant, seed, stage, miou`` and one IoU column per class; the notebooks read it.
+stage): ``variant, seed, stage, miou``, one IoU column per class and the label-free model-selection scores
+(``label_free_entropy``, ``label_free_coverage@0.9``, ``label_free_snd``: `hias_nb.model_selection`); the
+notebooks read it.
 """
 
 from __future__ import annotations
@@ -162,7 +164,9 @@ def _variant(name: str, seed_dir: Path, quick: bool, config: str | Path | None, 
 
 
 def _row(variant: str, seed: int, stage: dict) -> dict:
-    return {"variant": variant, "seed": seed, "stage": stage["name"], "miou": stage["miou"], **stage["per_class"]}
+    scores = {f"label_free_{k}": v for k, v in stage.get("label_free", {}).items()}  # hias_nb.model_selection
+    return {"variant": variant, "seed": seed, "stage": stage["name"], "miou": stage["miou"], **stage["per_class"],
+            **scores}  # fmt: skip
 
 
 def ablation_table(df: pd.DataFrame) -> pd.DataFrame:

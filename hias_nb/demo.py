@@ -36,6 +36,7 @@ from hias_nb.data.toytown import ensure_toytown
 from hias_nb.errors import InputError
 from hias_nb.evaluate import EvalResult, evaluate, report_table, stage_entry, write_report
 from hias_nb.io import read_json, write_json
+from hias_nb.model_selection import dataset_agreement
 from hias_nb.models import checkpoint_meta, save_checkpoint
 from hias_nb.pretrain import PretrainConfig, pretrain
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
@@ -308,11 +309,21 @@ def _run_stages(cfg: DemoConfig, plan: dict[str, Any], device: str) -> tuple[lis
         rdir = out / f"round_{k}"
         stages.append(evaluated(f"round_{k}", run / "teacher_final.pt", rdir / "eval_teacher.json"))
         students.append(evaluated(f"round_{k}_student", run / "student_final.pt", rdir / "eval_student.json"))
+        _add_agreement(stages[-1], run, val, device, rdir / "eval_teacher.json")
     if "oracle" in plan:
         print("[demo] stage oracle: the same model trained on target_train labels (upper reference only)")
         ora_ckpt = train_source(plan["oracle"])
         stages.append(evaluated("oracle", ora_ckpt, out / "oracle" / "eval.json"))
     return stages, students
+
+
+def _add_agreement(entry: dict, run: Path, val: SegDataset, device: str, cache: Path) -> None:
+    """A round's teacher–student agreement on target_val images (a label-free score), added to its entry once."""
+    scores = entry.setdefault("label_free", {})
+    if "agreement" not in scores:
+        student, teacher = (load_model(run / f, device) for f in ("student_final.pt", "teacher_final.pt"))
+        scores["agreement"] = round(dataset_agreement(student, teacher, val, device), 5)
+        write_json(cache, entry)
 
 
 def summarise(stages: list[dict]) -> dict:

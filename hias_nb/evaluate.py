@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from hias_nb import __version__, augment, distributed
 from hias_nb.classes import IGNORE, Protocol
 from hias_nb.io import write_json
 from hias_nb.metrics import ConfusionMatrix, iou_per_class, iou_table, mean_iou
+from hias_nb.model_selection import LabelFreeScores
 
 __all__ = [
     "EvalResult",
@@ -45,6 +46,7 @@ class EvalResult:
     protocol: Protocol
     matrix: np.ndarray
     seconds: float
+    label_free: dict[str, float] = field(default_factory=dict)  # hias_nb.model_selection scores (no labels used)
 
     @property
     def per_class(self) -> list[float | None]:
@@ -108,6 +110,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(protocol.num_classes)
+    scores = LabelFreeScores(seed=distributed.rank())
     if distributed.world_size() > 1:  # every image exactly once: rank r takes r, r + world, ... (no padding)
         dataset = torch.utils.data.Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -117,10 +120,12 @@ def evaluate(
         images = batch["image"].to(device)
         probs = predict_probs(model, images, scales, flip, size)
         cm.update(probs.argmax(1), batch["label"].to(device))
+        scores.update(probs)
     matrix = torch.from_numpy(cm.matrix).to(device)
     cm.matrix = distributed.all_reduce_sum(matrix).cpu().numpy()
+    label_free = LabelFreeScores.from_totals(distributed.all_reduce_sum(scores.totals().to(device)).cpu())
     model.train(was_training)
-    return EvalResult(protocol, cm.matrix, time.perf_counter() - t0)
+    return EvalResult(protocol, cm.matrix, time.perf_counter() - t0, label_free)
 
 
 @torch.no_grad()
@@ -191,6 +196,7 @@ def stage_entry(name: str, result: EvalResult, **extra: Any) -> dict[str, Any]:
         "per_class": {
             result.protocol.classes[c]: None if per[c] is None else round(per[c], 2) for c in result.protocol.evaluated
         },
+        "label_free": result.label_free,
     }
     entry.update(extra)
     return entry

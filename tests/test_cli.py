@@ -177,6 +177,7 @@ def fake_stages(monkeypatch):
         "generate_pseudo_labels": record("pseudo", lambda out: out),
         "self_train": record("self_train", lambda out: out),
         "pretrain": record("pretrain", lambda out: out / "backbone.pt"),
+        "_add_agreement": lambda *a: None,
         "_figures": lambda report, out: None,
     }
     for name, fake in fakes.items():

@@ -72,6 +72,9 @@ SPLITS: tuple[str, ...] = ("source_train", "source_val", "target_train", "target
 TARGET_SEVERITY: tuple[float, float] = (0.1, 1.0)
 SEVERITY_SHAPE: tuple[float, float] = (1.6, 3.0)
 PALETTE_SHIFT = 1.0  # fraction of each class's game -> photo colour move made at severity 1
+# Per class, a factor on that move: as in GTA5 -> Cityscapes, some classes change their look a lot between the
+# domains (sidewalk, wall, fence, terrain, the large and two-wheeled vehicles, lights, signs), others little.
+CLASS_SHIFT = np.ones(19, dtype=np.float32)
 DESATURATION = 0.4  # photo colours lose this fraction of their saturation at severity 1
 THIN_DIVISOR = 20  # thin objects are at least max(3, H // THIN_DIVISOR) pixels wide
 SHADOW_DARKENING = 0.45  # a cast shadow darkens the ground by up to this fraction (target only)
@@ -606,7 +609,7 @@ class _Scene:
 def _shade_fn(severity: float) -> Callable[[int, tuple], tuple[int, int, int]]:
     """Colour of a shape of class `cls`: source colours as drawn; target colours moved by `PALETTE_SHIFT` ×
     `severity` of the class's game -> photo shift (in RGB, never HSV) and desaturated."""
-    delta = PALETTE_SHIFT * (PHOTO_PALETTE - GAME_PALETTE)
+    delta = PALETTE_SHIFT * CLASS_SHIFT[:, None] * (PHOTO_PALETTE - GAME_PALETTE)
 
     def shade(cls: int, colour: tuple) -> tuple[int, int, int]:
         if severity == 0:
