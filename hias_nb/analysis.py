@@ -55,6 +55,7 @@ __all__ = [
     "checkpoint_predictions",
     "gap_table",
     "student_teacher_table",
+    "label_free_table",
     # notebook 6
     "manifest_table",
 ]
@@ -360,6 +361,20 @@ def student_teacher_table(report: dict) -> pd.DataFrame:
     rows = [{"round": s["name"], "teacher": s["miou"], "student": students.get(s["name"])}
             for s in report["stages"] if s["name"].startswith("round_")]  # fmt: skip
     return pd.DataFrame(rows, columns=["round", "teacher", "student"]).set_index("round")
+
+
+def label_free_table(report: dict) -> pd.DataFrame:
+    """Per evaluated model (stages, then students): its mIoU beside its label-free scores (``label_free`` of
+    report.json, `hias_nb.model_selection`), and each score's rank in the direction that predicts a better model
+    (``rank_*``: 1 = the model the score would pick)."""
+    rows = [{"model": s["name"], "miou": s["miou"], **s.get("label_free", {})}
+            for s in [*report["stages"], *report.get("students", [])]]  # fmt: skip
+    df = pd.DataFrame(rows).set_index("model")
+    higher_better = {"miou": True, "entropy": False, "snd": True, "agreement": True}
+    for col in df.columns:
+        better = higher_better.get(col, col.startswith("coverage"))
+        df[f"rank_{col}"] = df[col].rank(ascending=not better, method="min")
+    return df
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -107,3 +107,21 @@ def test_dataset_agreement_of_a_model_with_itself_and_with_another(tiny_toytown)
     b = DeepLabV2("resnet10t", num_classes=19, aspp_rates=(1, 2))
     assert dataset_agreement(a, a, ds, "cpu", batch_size=3) == 1.0
     assert dataset_agreement(a, b, ds, "cpu", batch_size=3) < 1.0
+
+
+def test_label_free_table_ranks_each_score_in_its_better_direction():
+    from hias_nb.analysis import label_free_table
+
+    report = {
+        "stages": [
+            {"name": "a", "miou": 30.0, "label_free": {"entropy": 0.4, "coverage@0.9": 0.5, "snd": 3.0}},
+            {"name": "b", "miou": 40.0, "label_free": {"entropy": 0.2, "coverage@0.9": 0.7, "snd": 2.0}},
+        ],
+        "students": [{"name": "b_student", "miou": 35.0, "label_free": {"entropy": 0.3, "coverage@0.9": 0.6,
+                                                                         "snd": 4.0}}],  # fmt: skip
+    }
+    t = label_free_table(report)
+    assert list(t.index) == ["a", "b", "b_student"]
+    assert t["rank_miou"].tolist() == [3, 1, 2]
+    assert t["rank_entropy"].tolist() == [3, 1, 2]  # lower entropy ranks first
+    assert t["rank_coverage@0.9"].tolist() == [3, 1, 2] and t["rank_snd"].tolist() == [2, 3, 1]
