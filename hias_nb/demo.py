@@ -1,7 +1,8 @@
 """``hias-nb demo``: the main job on the embedded toytown benchmark, stage by stage.
 
-generate toytown (if absent) → source-only training → evaluation on target-val → the same model with BatchNorm
-statistics re-estimated on target-train (``source_only_adabn``, the share of the gain BN alone explains) →
+generate toytown (if absent) → generic pretraining of the backbone (`hias_nb.pretrain`, cached outside the demo
+folder and timed apart, like a download) → source-only training → evaluation on target-val → the same model with
+BatchNorm statistics re-estimated on target-train (``source_only_adabn``, the share of the gain BN alone explains) →
 adversarial warm-up from the source-only model (docs/method.md §1.4, output-space discriminator; its BN statistics
 then re-estimated on target-train: ``warmup``) → HIAST rounds: pseudo-labels (IAS) from the generator G, then one
 self-training round (HPLA, views, RAR, consistency, EMA teacher); round 1 starts from the warm-up model (G and M
