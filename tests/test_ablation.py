@@ -60,6 +60,8 @@ def test_tiny_ablation_shares_the_warmup_and_writes_the_csv(tiny_toytown, tmp_pa
     refusing them as a run with another init_checkpoint; the CSV has one row per (variant, seed, stage)."""
     tiny = {"images": 24, "size": (32, 64), "source.iterations": 6, "round.iterations": 4, "warmup.iterations": 3}
     tiny |= {"source.batch_size": 4, "warmup.batch_size": 4, "round.batch_size": 4, "adabn_batch_size": 4}
+    tiny |= {"pretrain_root": str(tmp_path / "pretrain"), "pretrain.iterations": 2, "pretrain.images": 4,
+             "pretrain.batch_size": 4, "pretrain.num_workers": 1}  # fmt: skip
     csv = tmp_path / "ablation.csv"
     df = run_ablation(
         tmp_path / "abl",
