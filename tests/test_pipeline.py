@@ -130,7 +130,25 @@ def test_self_training_round_resumes_exactly(tiny_toytown, model_ckpt, tmp_path)
     assert not torch.equal(st[k], te[k])
 
 
-def test_hpla_in_the_data_pipeline_is_seeded_by_position(pseudo_dir, tiny_toytown):
+def _true_label_pseudo_dir(pseudo_dir, tiny_toytown, out):
+    """`pseudo_dir` with the true labels as pseudo-labels and donors listed from them: every hard-class instance
+    of the split is a donor (the random model's labels leave too few donors to tell draws apart)."""
+    import shutil
+
+    shutil.copytree(pseudo_dir, out)
+    donors: dict[str, list] = {str(c): [] for c in range(19)}
+    for f in sorted((tiny_toytown / "target" / "train" / "labels").glob("*.png")):
+        shutil.copy(f, out / "labels" / f.name)
+        counts = np.bincount(read_label(f).ravel(), minlength=256)
+        for c in range(19):
+            if counts[c]:
+                donors[str(c)].append([f.stem, int(counts[c])])
+    (out / "donors.json").write_text(json.dumps(donors))
+    return out
+
+
+def test_hpla_in_the_data_pipeline_is_seeded_by_position(pseudo_dir, tiny_toytown, tmp_path):
+    pseudo_dir = _true_label_pseudo_dir(pseudo_dir, tiny_toytown, tmp_path / "pl")
     target = PseudoLabelledTarget(SegDataset("toytown", tiny_toytown, "target_train"), pseudo_dir)
     hpla = build_hpla(pseudo_dir, target, 19, (), "intended", 0.1, None)
     pasted = HPLATarget(target, hpla, seed=3)
