@@ -117,8 +117,9 @@ def test_label_free_table_ranks_each_score_in_its_better_direction():
             {"name": "a", "miou": 30.0, "label_free": {"entropy": 0.4, "coverage@0.9": 0.5, "snd": 3.0}},
             {"name": "b", "miou": 40.0, "label_free": {"entropy": 0.2, "coverage@0.9": 0.7, "snd": 2.0}},
         ],
-        "students": [{"name": "b_student", "miou": 35.0, "label_free": {"entropy": 0.3, "coverage@0.9": 0.6,
-                                                                         "snd": 4.0}}],  # fmt: skip
+        "students": [
+            {"name": "b_student", "miou": 35.0, "label_free": {"entropy": 0.3, "coverage@0.9": 0.6, "snd": 4.0}}
+        ],  # fmt: skip
     }
     t = label_free_table(report)
     assert list(t.index) == ["a", "b", "b_student"]
