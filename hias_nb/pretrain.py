@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hias_nb import augment, distributed, runner
@@ -137,14 +136,8 @@ class Pretraining:
                                    strong=False)  # fmt: skip
         images = augment.photometric(views.weak, generator=self.gen, strength=cfg.photometric)
         lr = runner.set_lr(self.opt, self.base_lrs, runner.lr_factor(it, cfg.iterations, "poly", cfg.warmup))
-        with runner.autocast_context(device, cfg.amp):
-            logits = self.net(augment.normalize(images))
-        loss = F.cross_entropy(logits.float(), views.label, ignore_index=255)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        return {"loss": loss.item(), "lr": lr}
+        loss = runner.cross_entropy_step(self.net, self.opt, self.scaler, images, views.label, device, cfg.amp)
+        return {"loss": loss, "lr": lr}
 
     def finish(self, out: Path, timing: dict[str, float]) -> None:
         meta = {"backbone": self.cfg.backbone, "toytown_version": VERSION, "categories": list(CATEGORIES), **timing}

@@ -40,6 +40,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hias_nb import distributed
+from hias_nb.augment import normalize
+from hias_nb.classes import IGNORE
 from hias_nb.config import check_ranges
 from hias_nb.errors import InputError
 from hias_nb.io import file_sha256
@@ -63,6 +65,7 @@ __all__ = [
     "input_identity",
     "dataset_identity",
     "check_free_space",
+    "cross_entropy_step",
     "make_optimizer",
     "lr_factor",
     "set_lr",
@@ -307,6 +310,21 @@ def _loop(stage: Stage, cfg: Any, out: Path, name: str, start: int, stop: int) -
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces every training loop uses
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def cross_entropy_step(net: nn.Module, opt, scaler, images: torch.Tensor, labels: torch.Tensor, device: str,
+                       amp: bool) -> float:  # fmt: skip
+    """One supervised step of a segmentation net: forward on normalised ``[B,3,H,W]`` images (autocast when
+    `amp`), fp32 cross-entropy against ``[B,H,W]`` labels (255 ignored), backward, optimiser step; returns the
+    loss."""
+    with autocast_context(device, amp):
+        logits = net(normalize(images))
+    loss = nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.item()
 
 
 def make_optimizer(model: nn.Module, kind: str, lr: float, head_lr_mult: float, weight_decay: float):

@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from hias_nb import augment, distributed, runner
-from hias_nb.classes import IGNORE
 from hias_nb.config import check_ranges
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
@@ -128,14 +126,8 @@ class SourceTraining:
         if cfg.photometric > 0:  # so the source model's BatchNorm statistics do not encode the source palette
             images = augment.photometric(images, generator=self.gen, strength=cfg.photometric)
         lr = runner.set_lr(self.opt, self.base_lrs, runner.lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup))
-        with runner.autocast_context(device, cfg.amp):
-            logits = self.net(augment.normalize(images))
-        loss = F.cross_entropy(logits.float(), views.label, ignore_index=IGNORE)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        return {"loss": loss.item(), "lr": lr}
+        loss = runner.cross_entropy_step(self.net, self.opt, self.scaler, images, views.label, device, cfg.amp)
+        return {"loss": loss, "lr": lr}
 
     def finish(self, out: Path, timing: dict[str, float]) -> None:
         cfg = self.cfg
