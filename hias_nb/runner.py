@@ -5,9 +5,8 @@ does the rest, the same way for every stage:
 
 1. refuse or skip: a folder with the stage's final file, the same config and the same inputs (model files by
    their bytes, a pseudo-label folder by its record, the data by its samples: ``inputs.yaml``) is complete
-   (nothing to do); one with
-   another config or other inputs, or a foreign non-empty folder, is refused (exit 2), so nothing written before
-   is lost or mixed; the folder is locked while this process works in it;
+   (nothing to do); one with another config or other inputs, or a foreign non-empty folder, is refused (exit 2),
+   so nothing written before is lost or mixed; the folder is locked while this process works in it;
 2. prepare the run folder (``config.yaml`` and ``inputs.yaml``, written once the stage could be built) and check
    the batch divides over the processes;
 3. resume: ``state.pt`` holds every stateful part the stage names (modules, optimisers, scalers, generators)
@@ -132,10 +131,8 @@ def check_free_space(out: Path, stage: Stage) -> None:
     """Refuse (`InputError`) to start when `out` cannot hold the first checkpoint: ``state.pt`` (every part's
     state; an optimiser's moments are estimated as two copies of its parameters, they are created lazily) and
     the final model files, written through a temporary copy, with a margin."""
-    params = sum(
-        _tensor_bytes(list(p.param_groups[i]["params"])) for p in stage.parts.values()
-        if isinstance(p, torch.optim.Optimizer) for i in range(len(p.param_groups))
-    )  # fmt: skip
+    optimisers = [p for p in stage.parts.values() if isinstance(p, torch.optim.Optimizer)]
+    params = sum(_tensor_bytes(group["params"]) for opt in optimisers for group in opt.param_groups)
     modules = sum(_tensor_bytes(p.state_dict()) for p in stage.parts.values() if isinstance(p, nn.Module))
     need = 2 * (modules + 2 * params) + modules + (16 << 20)
     free = shutil.disk_usage(str(out)).free
