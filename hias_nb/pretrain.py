@@ -21,18 +21,16 @@ folder holds another config.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hias_nb import augment, distributed, runner
 from hias_nb.config import check_ranges
-from hias_nb.data.toytown import VERSION, render_scene
+from hias_nb.data.toytown import VERSION, parallel_map, render_scene
 from hias_nb.models import DeepLabV2, save_checkpoint
 from hias_nb.runner import RunSettings
 
@@ -79,19 +77,7 @@ def render_pretrain_set(
     """`images` pretraining scenes: uint8 images ``[N,3,H,W]`` and category labels ``[N,H,W]`` (int64, 0..6).
     Each is seeded by (seed, index) alone, so the set does not depend on `workers`."""
     jobs = [(int(seed), i, (int(size[0]), int(size[1]))) for i in range(images)]
-    bar = tqdm(total=images, desc="pretrain images", unit="img", disable=not progress, dynamic_ncols=True)
-    if workers <= 1:
-        pairs = []
-        for job in jobs:
-            pairs.append(_render_pretrain(job))
-            bar.update()
-    else:
-        with multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
-            pairs = []
-            for pair in pool.imap(_render_pretrain, jobs, chunksize=16):
-                pairs.append(pair)
-                bar.update()
-    bar.close()
+    pairs = list(parallel_map(_render_pretrain, jobs, workers, "pretrain images", progress))
     x = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
     return x, y

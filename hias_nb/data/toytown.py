@@ -37,7 +37,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -852,22 +852,27 @@ def _existing(out: Path, seed: int, size: tuple[int, int], images: int) -> dict 
     )
 
 
-def _render_all(jobs: list[tuple], workers: int | None, progress: bool) -> dict[str, np.ndarray]:
-    """Render every job (on `workers` processes, default up to 2) with a progress bar; per split, the class
-    pixel counts ``[NUM_CLASSES]``."""
-    pixels = {split: np.zeros(NUM_CLASSES, dtype=np.int64) for split in SPLITS}
+def parallel_map(fn: Callable[[Any], Any], jobs: list, workers: int | None, desc: str, progress: bool) -> Iterator:
+    """``fn(job)`` for every job, in order, on `workers` processes (default up to 2), with a progress bar. Jobs
+    are seeded by their own contents, so results do not depend on `workers`."""
     workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    with tqdm(total=len(jobs), desc="toytown", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress) as bar:
         if workers == 1:
-            results = map(_render_one, jobs)
-            for split, hist in results:
-                pixels[split] += hist
+            for job in jobs:
+                yield fn(job)
                 bar.update()
         else:
             with multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
-                for split, hist in pool.imap_unordered(_render_one, jobs, chunksize=32):
-                    pixels[split] += hist
+                for result in pool.imap(fn, jobs, chunksize=16):
+                    yield result
                     bar.update()
+
+
+def _render_all(jobs: list[tuple], workers: int | None, progress: bool) -> dict[str, np.ndarray]:
+    """Render and write every job; per split, the class pixel counts ``[NUM_CLASSES]``."""
+    pixels = {split: np.zeros(NUM_CLASSES, dtype=np.int64) for split in SPLITS}
+    for split, hist in parallel_map(_render_one, jobs, workers, "toytown", progress):
+        pixels[split] += hist
     return pixels
 
 
