@@ -46,10 +46,15 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_meta",
+    "checkpoint_architecture",
+    "PUBLISHED_ARCHITECTURE",
     "write_published_layout",
 ]
 
 CHECKPOINT_FORMAT = 1
+# The published HIAST/IAST models are all DeepLab-v2 on ResNet-101 with ASPP rates 6/12/18/24 (paper §5.1); a file in
+# their layout records no architecture, so this is what it is loaded into.
+PUBLISHED_ARCHITECTURE: dict[str, Any] = {"backbone": "resnet101", "aspp_rates": (6, 12, 18, 24)}
 BN_FREEZE_MODES = ("none", "affine", "full")
 
 # Keys of published checkpoints that hias_nb's model has no counterpart for, on purpose (docs/method.md §6.6):
@@ -308,6 +313,27 @@ def checkpoint_meta(path: str | os.PathLike) -> dict:
             raise InputError(f"{path}: meta is a {type(meta).__name__}, expected a dict")
         return meta
     return {}
+
+
+def checkpoint_architecture(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"layout", "backbone", "num_classes", "aspp_rates"}`` of a checkpoint file: a hias_nb file's meta
+    (layout "hias_nb"); for any other layout (HIAST/IAST, layout "published") `PUBLISHED_ARCHITECTURE` with the
+    class count read from the classifier's weight shape ``[num_classes, 2048, 3, 3]``."""
+    meta = checkpoint_meta(path)
+    if meta:
+        missing = [k for k in ("backbone", "num_classes", "aspp_rates") if k not in meta]
+        if missing:
+            raise InputError(f"{path}: meta has no {missing[0]} (not a model checkpoint)")
+        return {"layout": "hias_nb", "backbone": meta["backbone"], "num_classes": int(meta["num_classes"]),
+                "aspp_rates": tuple(meta["aspp_rates"])}  # fmt: skip
+    state = _unwrap_state_dict(_read_file(Path(path)), str(path))
+    heads = {tuple(v.shape) for k, v in state.items() if _ASPP_KEY.fullmatch(_published_to_own(k)) and v.ndim == 4}
+    if len(heads) != 1:
+        raise InputError(
+            f"{path}: no single DeepLab-v2 classifier (aspp.conv2d_list.*.weight) found; "
+            f"is this a segmentation checkpoint? (e.g. keys {list(state)[:3]})"
+        )
+    return {"layout": "published", **PUBLISHED_ARCHITECTURE, "num_classes": heads.pop()[0]}
 
 
 def load_checkpoint(

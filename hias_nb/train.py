@@ -22,7 +22,14 @@ from hias_nb import augment, distributed, runner
 from hias_nb.config import check_ranges
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
-from hias_nb.models import DeepLabV2, checkpoint_meta, describe_init, freeze_bn, load_checkpoint, save_checkpoint
+from hias_nb.models import (
+    DeepLabV2,
+    checkpoint_architecture,
+    describe_init,
+    freeze_bn,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hias_nb.runner import RunSettings
 
 __all__ = ["TrainConfig", "SourceTraining", "train_source", "build_model", "recalibrate_bn", "ema_update", "load_model"]
@@ -193,12 +200,21 @@ def ema_update(teacher: nn.Module, student: nn.Module, gamma: float) -> None:
 
 
 def load_model(checkpoint: str | Path, device: str, num_classes: int | None = None) -> nn.Module:
-    """Rebuild a DeepLabV2 from a hias_nb checkpoint (architecture from its meta) and load its weights."""
-    meta = checkpoint_meta(checkpoint)
-    if not meta:
-        raise InputError(f"{checkpoint}: not a hias_nb checkpoint (no meta); use `hias-nb evaluate --backbone`")
-    if num_classes is not None and meta["num_classes"] != num_classes:
-        raise InputError(f"{checkpoint}: num_classes is {meta['num_classes']}, expected {num_classes}")
-    model = DeepLabV2(meta["backbone"], num_classes=meta["num_classes"], aspp_rates=tuple(meta["aspp_rates"]))
-    load_checkpoint(model, checkpoint, strict=True)
+    """Rebuild a DeepLabV2 and load every weight of `checkpoint`: a hias_nb file (architecture from its meta) or a
+    published HIAST/IAST file (DeepLab-v2-ResNet-101, `models.PUBLISHED_ARCHITECTURE`). A published file's key
+    report is printed (what matched, what was ignored on purpose); a key that is missing or unexpected is refused."""
+    arch = checkpoint_architecture(checkpoint)
+    if num_classes is not None and arch["num_classes"] != num_classes:
+        raise InputError(f"{checkpoint}: num_classes is {arch['num_classes']}, expected {num_classes}")
+    model = DeepLabV2(arch["backbone"], num_classes=arch["num_classes"], aspp_rates=arch["aspp_rates"])
+    report = load_checkpoint(model, checkpoint)
+    missing = [k for k in report.missing if not k.endswith("num_batches_tracked")]  # absent from older files
+    if missing or report.unexpected:  # a half-random model is never worth training or labelling with
+        raise InputError(
+            f"{checkpoint}: does not fit a {arch['backbone']} DeepLab-v2 with ASPP rates {arch['aspp_rates']} "
+            f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(report.unexpected)} unexpected, "
+            f"e.g. {report.unexpected[:2]})"
+        )
+    if arch["layout"] == "published":
+        print(f"published layout, loaded as {arch['backbone']} DeepLab-v2: {report}")
     return model.to(device).eval()  # callers that train switch it back with .train()

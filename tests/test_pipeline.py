@@ -256,3 +256,49 @@ def test_pseudo_labels_know_their_inputs(tiny_toytown, model_ckpt, tmp_path):
     with pytest.raises(InputError, match="holds labels of the images in"):
         self_train(SelfTrainConfig(out=str(tmp_path / "c"), data_root=str(copy), **base))
     assert not (tmp_path / "s" / "config.yaml").exists() and not (tmp_path / "c" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_a_published_checkpoint_starts_pseudo_labelling_and_a_round(tiny_toytown, tmp_path, capsys):
+    """A file in the published HIAST layout (``seg_model.`` keys, a representation head and discriminator keys,
+    no meta) is loaded as DeepLab-v2-ResNet-101 by the stages that take a model; the same weights in hias_nb's
+    own layout give the same pseudo-labels and, one seeded iteration later, the same round."""
+    from hias_nb.models import DeepLabV2, checkpoint_architecture, save_checkpoint, write_published_layout
+
+    torch.manual_seed(0)
+    model = DeepLabV2("resnet101", num_classes=19)
+    with torch.no_grad():
+        for conv in model.aspp.conv2d_list:
+            conv.weight.mul_(30)  # confident, varied predictions
+    own = tmp_path / "own.pt"
+    save_checkpoint(own, model)
+    published = write_published_layout(own, tmp_path / "pseudo_resume_from.pth")
+    state = torch.load(published, weights_only=True)
+    state["seg_model.representation.0.weight"] = torch.zeros(2, 2048, 1, 1)
+    state["D.conv1.weight"] = torch.zeros(2, 19, 4, 4)
+    torch.save(state, published)
+    arch = checkpoint_architecture(published)
+    assert arch == {"layout": "published", "backbone": "resnet101", "num_classes": 19, "aspp_rates": (6, 12, 18, 24)}
+
+    labels = {}
+    for name, ckpt in (("own", own), ("published", published)):
+        labels[name] = generate_pseudo_labels(_pl(tiny_toytown, ckpt, tmp_path / f"pl_{name}", alpha=0.5, seed=1))
+    assert "published layout" in capsys.readouterr().out  # the key report is shown
+    names = sorted(p.name for p in (labels["own"] / "labels").glob("*.png"))
+    assert len(names) == 24
+    for n in names:
+        assert np.array_equal(read_label(labels["own"] / "labels" / n), read_label(labels["published"] / "labels" / n))
+
+    base = dict(pseudo_dir=str(labels["own"]), data_root=str(tiny_toytown), iterations=1, batch_size=2,
+                progress=False, lr=1e-3, crop_size=(32, 64))  # fmt: skip
+    runs = {n: self_train(SelfTrainConfig(out=str(tmp_path / f"r_{n}"), init_checkpoint=str(c), **base))
+            for n, c in (("own", own), ("published", published))}  # fmt: skip
+    ta, tb = (torch.load(r / "teacher_final.pt", weights_only=True)["state_dict"] for r in runs.values())
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    # a published file of another class count is refused by name, before anything is written
+    state["seg_model.aspp.conv2d_list.0.weight"] = torch.zeros(16, 2048, 3, 3)
+    torch.save(state, tmp_path / "sixteen.pth")
+    with pytest.raises(InputError, match="sixteen.pth: no single DeepLab-v2 classifier"):
+        generate_pseudo_labels(_pl(tiny_toytown, tmp_path / "sixteen.pth", tmp_path / "pl16", alpha=0.5))
+    assert not (tmp_path / "pl16").exists()
