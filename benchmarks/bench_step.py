@@ -57,7 +57,7 @@ def main() -> None:
         lambda name: donor,
         generator=torch.Generator().manual_seed(0),
     )
-    cfg = SelfTrainConfig(device=dev, amp=True, ema_gamma=0.999)
+    cfg = SelfTrainConfig(device=dev, amp="bf16", ema_gamma=0.999)
     gen = torch.Generator(device=dev).manual_seed(0)
     h_range = augment.scaled_weak_defaults((h, w)).h_range
 

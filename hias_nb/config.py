@@ -55,6 +55,8 @@ def coerce(value: Any, tp: Any, field: str, where: str) -> Any:
                 continue
         raise bad
     if origin is typing.Literal:
+        if value is False and "off" in args:  # YAML 1.1 (PyYAML) reads a bare `off` as false
+            return "off"
         if value in args:
             return value
         raise InputError(f"{where}: {field}: expected one of {', '.join(map(repr, args))}, got {value!r}")
@@ -187,7 +189,8 @@ def override(cfg: T, values: dict[str, Any], where: str = "command line", fixed:
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``["--lr", "1e-3", "--amp", "false"]`` → ``{"lr": 0.001, "amp": False}``; also accepts ``--key=value``."""
+    """``["--lr", "1e-3", "--amp", "off"]`` → ``{"lr": 0.001, "amp": False}`` (YAML reads `off` as false; a
+    Literal setting with an "off" choice takes it back); also accepts ``--key=value``."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):

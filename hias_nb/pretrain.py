@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,7 +126,7 @@ class Pretraining:
         loss = runner.cross_entropy_step(self.net, self.opt, self.scaler, images, views.label, device, cfg.amp)
         return {"loss": loss, "lr": lr}
 
-    def finish(self, out: Path, timing: dict[str, float]) -> None:
+    def finish(self, out: Path, timing: dict[str, Any]) -> None:
         meta = {"backbone": self.cfg.backbone, "toytown_version": VERSION, "categories": list(CATEGORIES), **timing}
         save_checkpoint(out / "model_final.pt", self.model, meta)  # the 7-way model, for inspection
         torch.save(self.model.backbone.state_dict(), out / "backbone.tmp")

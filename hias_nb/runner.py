@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -74,9 +74,14 @@ __all__ = [
     "rank_generator",
     "stage_batches",
     "autocast_context",
+    "resolve_amp",
+    "AMP_MODES",
     "cpu_has_native_bf16",
     "make_scaler",
 ]
+
+AmpMode = Literal["bf16", "fp16", "off"]
+AMP_MODES: tuple[str, ...] = ("bf16", "fp16", "off")
 
 
 @dataclass
@@ -89,7 +94,7 @@ class RunSettings:
     stop_after: int | None = None  # leave a resumable state after this many iterations (wall-time-limited jobs)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda[:N]
-    amp: bool = True  # autocast: CUDA bf16 (else fp16 with a scaler); CPU bf16 where native (else fp32)
+    amp: AmpMode = "bf16"  # bf16 | fp16 | off: the autocast precision, `resolve_amp` says where each applies
     progress: bool = True
     max_loss: float = 1e4  # a loss above this stops the run (diverging) before anything of that step is saved
 
@@ -107,7 +112,7 @@ class Stage(Protocol):
         """Iteration `it` (0-based): batch, forward, losses, backward, optimiser steps; returns the logged terms."""
         ...
 
-    def finish(self, out: Path, timing: dict[str, float]) -> None:
+    def finish(self, out: Path, timing: dict[str, Any]) -> None:
         """Write the final artefacts into `out` (rank 0 only); `timing` goes into the checkpoints' meta."""
         ...
 
@@ -267,7 +272,8 @@ def _run(
         print(f"{out / 'state.pt'}: paused at iteration {stop}/{cfg.iterations} (stop_after); the same command resumes")
         return out
     if distributed.is_main():
-        stage.finish(out, {"iterations": cfg.iterations, "seconds_per_iteration": seconds / max(stop - start, 1)})
+        timing = {"iterations": cfg.iterations, "seconds_per_iteration": seconds / max(stop - start, 1)}
+        stage.finish(out, {**timing, "precision": resolve_amp(device, cfg.amp)})  # the one the steps ran in
     distributed.barrier()
     return out
 
@@ -310,7 +316,7 @@ def _loop(stage: Stage, cfg: Any, out: Path, name: str, start: int, stop: int) -
 
 
 def cross_entropy_step(net: nn.Module, opt, scaler, images: torch.Tensor, labels: torch.Tensor, device: str,
-                       amp: bool) -> float:  # fmt: skip
+                       amp: AmpMode) -> float:  # fmt: skip
     """One supervised step of a segmentation net: forward on normalised ``[B,3,H,W]`` images (autocast when
     `amp`), fp32 cross-entropy against ``[B,H,W]`` labels (255 ignored), backward, optimiser step; returns the
     loss."""
@@ -418,17 +424,29 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def autocast_context(device: str, amp: bool):
-    """bf16 autocast on CUDA when available (fp16 otherwise) and on CPUs with native bf16 (≈ 1.8× faster steps
-    on an AVX512-BF16 CPU, `benchmarks/bench_step.py`); a no-op elsewhere and with `amp=False`."""
-    if amp and device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp and device == "cpu" and cpu_has_native_bf16())
+def resolve_amp(device: str, amp: AmpMode) -> AmpMode:
+    """The precision a run with setting `amp` actually uses on `device`:
+    - ``"bf16"``: bf16 autocast on CUDA GPUs that have it (fp16 with a loss scaler on older ones) and on CPUs with
+      native bf16 (≈ 1.8× faster steps on an AVX512-BF16 CPU, `benchmarks/bench_step.py`); fp32 on other CPUs;
+    - ``"fp16"``: fp16 autocast with a dynamic loss scaler on CUDA, the equivalent of the reference's apex O1;
+      fp32 on a CPU (fp16 is no faster there);
+    - ``"off"``: fp32 everywhere."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp: expected one of {AMP_MODES}, got {amp!r}")
+    if amp == "off":
+        return "off"
+    if device.startswith("cuda"):
+        return "bf16" if amp == "bf16" and torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if amp == "bf16" and device == "cpu" and cpu_has_native_bf16() else "off"
 
 
-def make_scaler(device: str, amp: bool) -> torch.amp.GradScaler:
-    """A loss scaler, enabled only where autocast runs in fp16 (CUDA without bf16)."""
-    return torch.amp.GradScaler(
-        "cuda", enabled=amp and device.startswith("cuda") and not torch.cuda.is_bf16_supported()
-    )
+def autocast_context(device: str, amp: AmpMode):
+    """The autocast context of `resolve_amp(device, amp)` (a disabled one for fp32)."""
+    mode = resolve_amp(device, amp)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=dtype, enabled=mode != "off")
+
+
+def make_scaler(device: str, amp: AmpMode) -> torch.amp.GradScaler:
+    """A dynamic loss scaler, enabled only where autocast runs in fp16 (CUDA)."""
+    return torch.amp.GradScaler("cuda", enabled=resolve_amp(device, amp) == "fp16")

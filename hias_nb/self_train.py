@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -335,7 +335,7 @@ class SelfTraining:
         )
         return {**terms, "lr": lr}
 
-    def finish(self, out: Path, timing: dict[str, float]) -> None:
+    def finish(self, out: Path, timing: dict[str, Any]) -> None:
         meta = {**self.meta, "round_config": self.cfg.out, **timing}
         save_checkpoint(out / "student_final.pt", self.student, {**meta, "role": "student"})
         save_checkpoint(out / "teacher_final.pt", self.teacher, {**meta, "role": "teacher"})  # marks completion

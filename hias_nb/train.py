@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -136,7 +136,7 @@ class SourceTraining:
         loss = runner.cross_entropy_step(self.net, self.opt, self.scaler, images, views.label, device, cfg.amp)
         return {"loss": loss, "lr": lr}
 
-    def finish(self, out: Path, timing: dict[str, float]) -> None:
+    def finish(self, out: Path, timing: dict[str, Any]) -> None:
         cfg = self.cfg
         meta = {
             "backbone": cfg.backbone,

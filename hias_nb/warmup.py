@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -273,7 +273,7 @@ class AdversarialWarmup:
         self.opt_d.step()
         return {**terms, "lr": lr}
 
-    def finish(self, out: Path, timing: dict[str, float]) -> None:
+    def finish(self, out: Path, timing: dict[str, Any]) -> None:
         with atomic_path(out / "discriminator_final.pt") as tmp:
             torch.save(self.disc.state_dict(), tmp)
         meta = {**self.meta, "warmup": "adversarial", **timing}

@@ -56,7 +56,7 @@ def _slow_ce(logits: torch.Tensor, label: torch.Tensor) -> float:
 def test_hiast_step_terms_gradients_step_and_ema(ignored_fraction, normalisation, region):
     student, teacher = _nets()
     cfg = SelfTrainConfig(
-        amp=False, ema_gamma=0.9, normalisation=normalisation, cst_region=region, crop_scale=(0.5, 1.0)
+        amp="off", ema_gamma=0.9, normalisation=normalisation, cst_region=region, crop_scale=(0.5, 1.0)
     )
     batch = _batch(ignored_fraction)
     # The expected values, computed independently from a copy of the student before the step.
@@ -101,7 +101,7 @@ def test_hiast_step_weights_and_views():
     """λ = 0 removes a term from the total; strong=False gives the student the teacher's view."""
     student, teacher = _nets(2)
     batch = _batch(0.4, seed=3)
-    only_ce = SelfTrainConfig(amp=False, lambda_kld=0.0, lambda_ent=0.0, lambda_cst=0.0, strong=False)
+    only_ce = SelfTrainConfig(amp="off", lambda_kld=0.0, lambda_ent=0.0, lambda_cst=0.0, strong=False)
     opt = torch.optim.SGD(student.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     terms = hiast_step(student, teacher, opt, scaler, batch, only_ce, torch.Generator().manual_seed(0), "cpu")
@@ -112,7 +112,7 @@ def test_hiast_step_weights_and_views():
     for p in twin.parameters():
         p.requires_grad_(True)
     opt = torch.optim.SGD(twin.parameters(), lr=0.0)
-    cfg = SelfTrainConfig(amp=False, strong=False, normalisation="pixel", ema_gamma=1.0)
+    cfg = SelfTrainConfig(amp="off", strong=False, normalisation="pixel", ema_gamma=1.0)
     terms = hiast_step(twin, teacher, opt, scaler, batch, cfg, torch.Generator().manual_seed(0), "cpu")
     assert terms["consistency"] == pytest.approx(terms["entropy"], rel=1e-5)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import itertools
 
+import pytest
 import torch
 from torch import nn
 
@@ -53,3 +54,31 @@ def test_recalibrate_bn_matches_target_statistics():
     feats = torch.cat([model[0](normalize(b)) for b in batches])
     torch.testing.assert_close(model[1].running_mean, feats.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
     assert not model.training
+
+
+def test_amp_modes_resolve_per_device_and_parse_from_yaml(monkeypatch, tmp_path):
+    from hias_nb import runner
+    from hias_nb.config import load_config, parse_overrides
+    from hias_nb.errors import InputError
+    from hias_nb.train import TrainConfig
+
+    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: False)
+    assert [runner.resolve_amp("cpu", m) for m in ("bf16", "fp16", "off")] == ["off", "off", "off"]
+    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: True)
+    assert [runner.resolve_amp("cpu", m) for m in ("bf16", "fp16", "off")] == ["bf16", "off", "off"]
+    with runner.autocast_context("cpu", "bf16"):
+        assert torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
+    with runner.autocast_context("cpu", "off"):
+        assert not torch.is_autocast_cpu_enabled()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # an older GPU
+    assert [runner.resolve_amp("cuda:0", m) for m in ("bf16", "fp16", "off")] == ["fp16", "fp16", "off"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert [runner.resolve_amp("cuda", m) for m in ("bf16", "fp16", "off")] == ["bf16", "fp16", "off"]
+    assert runner.make_scaler("cpu", "fp16").is_enabled() is False  # a scaler only where fp16 runs
+    # YAML reads a bare `off` as false: the setting takes it back; anything else is refused by name
+    (tmp_path / "c.yaml").write_text("amp: off\n")
+    assert load_config(TrainConfig, tmp_path / "c.yaml").amp == "off"
+    assert load_config(TrainConfig, None, parse_overrides(["--amp", "fp16"])).amp == "fp16"
+    for bad in ("true", "fp8"):
+        with pytest.raises(InputError, match="amp"):
+            load_config(TrainConfig, None, parse_overrides(["--amp", bad]))

@@ -97,7 +97,7 @@ def test_each_loss_reaches_only_its_own_network():
 def test_generator_loss_terms_match_direct_formulas():
     model, disc, xs, ys, xt = _pair(1)
     model.eval()  # BN on running statistics: the joint and the separate forward passes must then agree
-    cfg = WarmupConfig(adv_weight=0.3, ent_weight=2.0, d_weight=0.5, amp=False)  # exact fp32 comparison
+    cfg = WarmupConfig(adv_weight=0.3, ent_weight=2.0, d_weight=0.5, amp="off")  # exact fp32 comparison
     g, d, terms = warmup_step(model, disc, xs, ys, xt, cfg, "cpu")
     g2, d2, _ = warmup_step(model, disc, xs, ys, xt, WarmupConfig(**{**cfg.__dict__, "joint_forward": False}), "cpu")
     assert g.item() == pytest.approx(g2.item(), rel=1e-5) and d.item() == pytest.approx(d2.item(), rel=1e-5)
@@ -116,7 +116,7 @@ def test_adversarial_step_moves_target_outputs_towards_source():
     """With only the adversarial term, a small step on the network lowers D's 'target' score of target maps."""
     model, disc, xs, ys, xt = _pair(2)
     model.eval()
-    cfg = WarmupConfig(source_weight=0.0, adv_weight=1.0, amp=False)  # a gradient property: fp32
+    cfg = WarmupConfig(source_weight=0.0, adv_weight=1.0, amp="off")  # a gradient property: fp32
     g, _, terms = warmup_step(model, disc, xs, ys, xt, cfg, "cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     opt.zero_grad()
