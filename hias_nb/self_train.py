@@ -94,6 +94,9 @@ class SelfTrainConfig(RunSettings):
     donor_drop_fraction: float = 0.1
     ignored_classes: tuple[int, ...] = ()  # never hard: (9, 14, 16) for SYNTHIA
     strong: bool = True  # the student sees the CCA strong view (False: the weak view)
+    # Gaussian-blur kernel sizes of the strong view, odd (lo, hi) in pixels; the paper: (3, 41) whatever the crop.
+    # None: the paper's range scaled by crop height / 512 (`augment.scaled_blur_limit`; (3, 5) at toytown's 64 rows).
+    blur_limit: tuple[int, int] | None = None
     crop_size: tuple[int, int] | None = None
     crop_height_range: tuple[int, int] | None = None  # crop height in pixels (docs/method.md §5.5); None: crop_scale
     crop_scale: tuple[float, float] = (0.6, 1.0)  # crop height as a fraction of the input height
@@ -111,6 +114,10 @@ class SelfTrainConfig(RunSettings):
             sizes=("resize", "crop_size", "crop_height_range"),
             scale_ranges=("crop_scale",),
         )
+        if self.blur_limit is not None:
+            lo, hi = self.blur_limit
+            if lo < 1 or lo > hi or lo % 2 == 0 or hi % 2 == 0:
+                raise InputError(f"blur_limit: expected two odd kernel sizes 1 <= lo <= hi, got {[lo, hi]}")
 
 
 class PseudoLabelledTarget(torch.utils.data.Dataset):
@@ -215,7 +222,7 @@ def round_views(
     return augment.make_views(
         images, pseudo, provenance, generator=generator, crop_size=cfg.crop_size,
         crop_height_range=cfg.crop_height_range, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
-        strong=cfg.strong,
+        strong=cfg.strong, blur_limit=cfg.blur_limit,
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from hias_nb import augment
+from hias_nb.errors import InputError
 from hias_nb.losses import consistency, region_regularization, target_cross_entropy
 from hias_nb.self_train import SelfTrainConfig, hiast_step, round_views
 
@@ -130,5 +131,12 @@ def test_round_views_use_the_rounds_settings_and_the_scaled_blur():
     full = round_views(SelfTrainConfig(), images, pseudo, None, torch.Generator().manual_seed(1))
     ksizes = [p["ksize"] for ops in full.strong_ops for name, p in ops if name == "gaussian_blur"]
     assert ksizes and set(ksizes) <= {3, 5}
+    # the paper configurations fix the range: (3, 41) px kernels whatever the crop (not scaled to 64 rows)
+    paper = round_views(SelfTrainConfig(blur_limit=(3, 41)), images, pseudo, None, torch.Generator().manual_seed(1))
+    ksizes = [p["ksize"] for ops in paper.strong_ops for name, p in ops if name == "gaussian_blur"]
+    assert ksizes and all(k % 2 == 1 and 3 <= k <= 41 for k in ksizes) and max(ksizes) > 5
+    for bad in ((4, 41), (41, 3), (0, 3)):
+        with pytest.raises(InputError, match="blur_limit"):
+            SelfTrainConfig(blur_limit=bad).validate()
     plain = round_views(SelfTrainConfig(strong=False), images, pseudo, None, torch.Generator().manual_seed(1))
     assert plain.strong is plain.weak and torch.equal(plain.weak, full.weak)  # the same weak draws
