@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backbone", default=None, help="default: from the checkpoint, else resnet101")
     ev.add_argument("--aspp-rates", type=int, nargs="+", default=None)
     ev.add_argument("--resize", type=int, nargs=2, default=None, metavar=("H", "W"))
-    ev.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="base evaluation size")
+    ev.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="base evaluation size (default: 768 1536 for cityscapes, as the reference; else full size)",
+    )
+    ev.add_argument(
+        "--protocol",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="mean IoU under these protocols, e.g. synthia16 synthia13 (default: the dataset's)",
+    )
     ev.add_argument("--scales", type=float, nargs="+", default=[1.0])
     ev.add_argument("--flip", action="store_true")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -172,7 +187,7 @@ def _check_against_meta(ckpt: Path, meta: dict, backbone: str, rates: tuple[int,
 
 def _cmd_evaluate(args) -> int:
     from hias_nb.data import SegDataset
-    from hias_nb.evaluate import evaluate, stage_entry, write_report
+    from hias_nb.evaluate import check_protocols, default_eval_size, evaluate, protocol_mious, stage_entry, write_report
     from hias_nb.models import DeepLabV2, checkpoint_meta, load_checkpoint
     from hias_nb.runs import check_writable, resolve_device
 
@@ -188,6 +203,9 @@ def _cmd_evaluate(args) -> int:
     distributed.init_distributed(device)  # under torchrun: each process evaluates its share of the images
     split = args.split or ("target_val" if args.dataset == "toytown" else "val")
     ds = SegDataset(args.dataset, args.data_root, split, size=tuple(args.resize) if args.resize else None)
+    protocols = args.protocol or [ds.protocol.name]
+    primary = check_protocols(protocols, ds.protocol)[0]  # checked before any work; the first is the report's
+    size = tuple(args.size) if args.size else default_eval_size(args.dataset)
     meta = checkpoint_meta(ckpt)
     backbone = args.backbone or meta.get("backbone", "resnet101")
     rates = tuple(args.aspp_rates or meta.get("aspp_rates", (6, 12, 18, 24)))
@@ -215,17 +233,21 @@ def _cmd_evaluate(args) -> int:
         batch_size=args.batch_size,
         scales=tuple(args.scales),
         flip=args.flip,
-        size=tuple(args.size) if args.size else None,
+        size=size,
     )
     if not distributed.is_main():
         return 0  # rank 0 holds the summed confusion matrix and writes
+    result = dataclasses.replace(result, protocol=primary)
     print(result.table(args.name).round(2).to_string())
-    print(f"mIoU ({ds.protocol.name}, {len(ds)} images): {result.miou:.2f}")
+    mious = protocol_mious(result, protocols)
+    where = f"{len(ds)} images" + (f", at {size[0]}×{size[1]}" if size else "")
+    for name, value in mious.items():
+        print(f"mIoU ({name}, {where}): {value:.2f}")
     if args.json:
         write_report(
             args.json,
-            ds.protocol,
-            [stage_entry(args.name, result)],
+            primary,
+            [stage_entry(args.name, result, miou_by_protocol=mious)],
             result.seconds,
             {
                 "checkpoint": str(ckpt),
@@ -234,6 +256,8 @@ def _cmd_evaluate(args) -> int:
                 "backbone": backbone,
                 "scales": list(args.scales),
                 "flip": args.flip,
+                "size": list(size) if size else None,
+                "protocols": protocols,
             },
         )
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hias_nb import __version__, augment, distributed
-from hias_nb.classes import IGNORE, Protocol
+from hias_nb.classes import IGNORE, Protocol, get_protocol
+from hias_nb.errors import InputError
 from hias_nb.io import write_json
 from hias_nb.metrics import ConfusionMatrix, iou_per_class, iou_table, mean_iou
 from hias_nb.model_selection import LabelFreeScores
@@ -33,10 +35,23 @@ __all__ = [
     "evaluate",
     "evaluate_by_severity",
     "stage_entry",
+    "protocol_mious",
+    "check_protocols",
+    "default_eval_size",
+    "CITYSCAPES_EVAL_SIZE",
     "write_report",
     "versions",
     "report_table",
 ]
+
+
+# The reference evaluates Cityscapes at one scale of 768×1536 (logits upsampled to the 1024×2048 labels).
+CITYSCAPES_EVAL_SIZE: tuple[int, int] = (768, 1536)
+
+
+def default_eval_size(dataset: str) -> tuple[int, int] | None:
+    """The base evaluation size of `dataset` when none is given: Cityscapes the reference's, others full size."""
+    return CITYSCAPES_EVAL_SIZE if dataset == "cityscapes" else None
 
 
 @dataclass
@@ -200,6 +215,27 @@ def stage_entry(name: str, result: EvalResult, **extra: Any) -> dict[str, Any]:
     }
     entry.update(extra)
     return entry
+
+
+def check_protocols(names: Sequence[str], base: Protocol) -> list[Protocol]:
+    """The named protocols, each over `base`'s class list (e.g. synthia16 and synthia13 over Cityscapes' 19
+    classes); an unknown name or another class list is an `InputError` naming the protocol."""
+    out = []
+    for name in names:
+        p = get_protocol(name)
+        if p.classes != base.classes:
+            raise InputError(
+                f"protocol: {name} is over {p.num_classes} classes ({p.classes[0]}, ...), the model and the "
+                f"dataset ({base.name}) over {base.num_classes} ({base.classes[0]}, ...)"
+            )
+        out.append(p)
+    return out
+
+
+def protocol_mious(result: EvalResult, names: Sequence[str]) -> dict[str, float]:
+    """The mean IoU of `result`'s confusion matrix under each named protocol (`check_protocols`): SYNTHIA→
+    Cityscapes reports its 16- and 13-class means from one 19-class evaluation."""
+    return {p.name: round(mean_iou(result.per_class, p.evaluated), 2) for p in check_protocols(names, result.protocol)}
 
 
 def versions() -> dict[str, str]:

@@ -14,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from hias_nb.classes import CITYSCAPES_CLASSES
 from hias_nb.cli import main
 from hias_nb.models import DeepLabV2, save_checkpoint
 
@@ -261,6 +262,8 @@ def test_evaluate_refuses_what_would_give_a_wrong_report_before_evaluating(tiny_
         (["--scales", "0"], "--scales"),
         (["--size", "0", "0"], "--size"),
         (["--json", str(blocker / "r.json")], "is a file"),  # checked before the evaluation, not after
+        (["--protocol", "oxford9"], "protocol: oxford9 is over 9 classes"),  # not the dataset's class list
+        (["--protocol", "synthia17"], "synthia17"),
     ]
     for extra, needle in cases:
         assert main([*base, *extra]) == 2, extra
@@ -272,3 +275,26 @@ def test_evaluate_refuses_what_would_give_a_wrong_report_before_evaluating(tiny_
     assert main(["evaluate", "--checkpoint", str(bare), "--data-root", str(tiny_toytown), "--backbone", "resnet10t",
                  "--aspp-rates", "1", "2"]) == 2  # fmt: skip
     assert "does not fit a resnet10t model" in _err_line(capsys)
+
+
+def test_evaluate_reports_every_requested_protocol_from_one_evaluation(tiny_toytown, model_ckpt, tmp_path, capsys):
+    """SYNTHIA→Cityscapes style: the 16- and 13-class means are the plain means of the 19-class IoUs over their
+    subsets (SYNTHIA's 9, 14, 16 out; the 13-class one also without wall, fence, pole)."""
+    js = {}
+    for name, extra in (("full", []), ("synthia", ["--protocol", "synthia16", "synthia13"])):
+        js[name] = tmp_path / f"{name}.json"
+        args = ["evaluate", "--checkpoint", str(model_ckpt), "--data-root", str(tiny_toytown), "--json", str(js[name])]
+        assert main([*args, *extra]) == 0
+    out = capsys.readouterr().out
+    full = json.loads(js["full"].read_text())["stages"][0]
+    syn = json.loads(js["synthia"].read_text())
+    iou = [full["per_class"][c] for c in CITYSCAPES_CLASSES]
+
+    def mean(skip):
+        vals = [v for c, v in enumerate(iou) if c not in skip and v is not None]
+        return round(sum(vals) / len(vals), 2)
+
+    expected = {"synthia16": mean({9, 14, 16}), "synthia13": mean({9, 14, 16, 3, 4, 5})}
+    assert syn["stages"][0]["miou_by_protocol"] == pytest.approx(expected, abs=0.011)
+    assert syn["protocol"] == "synthia16" and len(syn["classes"]) == 16 and syn["config"]["protocols"] == list(expected)
+    assert f"images): {syn['stages'][0]['miou_by_protocol']['synthia13']:.2f}\n" in out and "mIoU (synthia13, " in out
