@@ -73,6 +73,7 @@ __all__ = [
     "strong_view",
     "weak_view",
     "crop_heights",
+    "check_crop_fits",
     "Views",
     "make_views",
 ]
@@ -767,6 +768,20 @@ def crop_heights(pixels: tuple[int, int] | None, scale: tuple[float, float], in_
     if lo > hi:
         raise InputError(f"crop_scale: lower bound above upper bound: {scale}")
     return lo, hi
+
+
+def check_crop_fits(resize: tuple[int, int] | None, pixels: tuple[int, int] | None, ratio: float) -> None:
+    """Refuse a crop-height range (pixels) that images resized to `resize` cannot hold: every larger draw would
+    be clamped to the image, silently concentrating the crops at one zoom (e.g. GTA5 at 720 rows with the
+    reference's 341–950: half the crops at the maximum)."""
+    if resize is None or pixels is None:
+        return
+    h, w = resize
+    if pixels[1] > h or pixels[1] * ratio > w + 1:
+        raise InputError(
+            f"crop_height_range: crops up to {pixels[1]}×{int(pixels[1] * ratio)} px do not fit images resized to "
+            f"{h}×{w} (resize): resize less or lower the range"
+        )
 
 
 @dataclass(eq=False)

@@ -114,6 +114,7 @@ class SelfTrainConfig(RunSettings):
             sizes=("resize", "crop_size", "crop_height_range"),
             scale_ranges=("crop_scale",),
         )
+        augment.check_crop_fits(self.resize, self.crop_height_range, self.crop_ratio)
         if self.blur_limit is not None:
             lo, hi = self.blur_limit
             if lo < 1 or lo > hi or lo % 2 == 0 or hi % 2 == 0:

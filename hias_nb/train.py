@@ -76,6 +76,7 @@ class TrainConfig(RunSettings):
             sizes=("resize", "crop_size", "crop_height_range"),
             scale_ranges=("crop_scale",),
         )
+        augment.check_crop_fits(self.resize, self.crop_height_range, self.crop_ratio)
 
 
 def build_model(

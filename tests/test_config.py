@@ -253,3 +253,28 @@ def test_config_files_that_are_not_yaml_mappings_exit_with_the_file_named(tmp_pa
     nested.write_text("round:\n  lr: 1\nround:\n  lr: 2\n")
     with pytest.raises(InputError, match="given twice"):
         load_config(TrainConfig, nested)
+
+
+def test_shipped_configs_load_and_the_gta5_crops_are_not_clamped():
+    """Every file in configs/ loads into its stage config; the GTA5 source crops (341–950 rows) fit the resize, so
+    they zoom 512/950 ≈ 0.54× to 512/341 ≈ 1.50× as the reference's; the old 720-row resize is refused by name."""
+    from pathlib import Path
+
+    from hias_nb.pseudo_label import PseudoLabelConfig
+    from hias_nb.self_train import SelfTrainConfig
+    from hias_nb.train import TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    kinds = {"gta5_source.yaml": TrainConfig, "hiast_gta5_pseudo1.yaml": PseudoLabelConfig,
+             "hiast_gta5_round1.yaml": SelfTrainConfig}  # fmt: skip
+    assert {p.name for p in root.glob("*.yaml")} <= set(kinds)
+    for name, cls in kinds.items():
+        load_config(cls, root / name).validate()
+    src = load_config(TrainConfig, root / "gta5_source.yaml")
+    lo, hi = src.crop_height_range
+    assert src.crop_size[0] / hi == pytest.approx(0.54, abs=0.01) and src.crop_size[0] / lo == pytest.approx(
+        1.50, abs=0.01
+    )
+    assert hi <= src.resize[0] and hi * src.crop_ratio <= src.resize[1]
+    with pytest.raises(InputError, match="crop_height_range: crops up to 950×1900 px do not fit .* 720×1280"):
+        load_config(TrainConfig, root / "gta5_source.yaml", {"resize": [720, 1280]}).validate()
