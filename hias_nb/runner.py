@@ -177,6 +177,10 @@ def input_identity(cfg: Any) -> dict[str, str]:
     if getattr(cfg, "pseudo_dir", None):
         ids["pseudo_dir_sha256"] = file_sha256(Path(cfg.pseudo_dir) / "summary.json")
     splits = [getattr(cfg, k) for k in DATA_SPLIT_KEYS if getattr(cfg, k, None)]
+    if getattr(cfg, "source_dataset", None) or getattr(cfg, "source_root", None):  # a warm-up across two datasets
+        source = dataset_identity(*cfg.source(), [cfg.source_split])
+        ids |= {f"source_{k}": v for k, v in source.items()}
+        splits.remove(cfg.source_split)
     if splits and getattr(cfg, "dataset", None) and getattr(cfg, "data_root", None):
         ids |= dataset_identity(cfg.dataset, cfg.data_root, splits)
     return ids
@@ -273,7 +277,8 @@ def _run(
         return out
     if distributed.is_main():
         timing = {"iterations": cfg.iterations, "seconds_per_iteration": seconds / max(stop - start, 1)}
-        stage.finish(out, {**timing, "precision": resolve_amp(device, cfg.amp)})  # the one the steps ran in
+        precision = resolve_amp(device, getattr(cfg, "amp", "off"))  # the one the steps ran in
+        stage.finish(out, {**timing, "precision": precision})
     distributed.barrier()
     return out
 

@@ -55,9 +55,9 @@ LOCK_FILE = ".hias_nb.lock"
 
 def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True, resuming: bool = False) -> Path:
     """Create `out` and write ``config.yaml``; an existing run must have the same config (except device etc.,
-    and `RESUME_CHANGEABLE` when `resuming` an unfinished run). ``write=False`` only checks (a stage writes once
-    it has started, so a failed start blocks no corrected re-run). A folder with files but no ``config.yaml`` is
-    not a hias_nb run: it is refused, never adopted."""
+    and `RESUME_CHANGEABLE` when `resuming` an unfinished run). ``write=False`` only checks, creating nothing (a
+    stage writes once it has started, so a failed start blocks no corrected re-run). A folder with files but no
+    ``config.yaml`` is not a hias_nb run: it is refused, never adopted."""
     out = Path(out)
     if out.is_dir() and not (out / "config.yaml").exists():
         foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
@@ -66,7 +66,8 @@ def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True, resuming: boo
                 f"{out}: holds files but no hias_nb run (no config.yaml; e.g. {foreign[0]}); choose a new or empty "
                 "folder for --out"
             )
-    out.mkdir(parents=True, exist_ok=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     free = _RESUME_FREE | set(RESUME_CHANGEABLE) if resuming else _RESUME_FREE
     claim_config(out / "config.yaml", config_to_dict(cfg), free, write)
     return out
@@ -134,14 +135,22 @@ def run_lock(out: str | Path, name: str = LOCK_FILE) -> Iterator[None]:
     writing the same files (an advisory lock on ``out/<name>``, released when the process ends, even by a
     kill -9)."""
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with (out / name).open("a") as f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise InputError(f"{out}: another process is working in this folder; wait for it to end") from None
-        yield
+    try:
+        with (out / name).open("a") as f:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise InputError(f"{out}: another process is working in this folder; wait for it to end") from None
+            yield
+    except BaseException:
+        # a run refused before it wrote anything leaves no folder behind (only one this call made, still empty)
+        if created and [p.name for p in out.iterdir()] == [name]:
+            (out / name).unlink()
+            out.rmdir()
+        raise
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

@@ -68,11 +68,14 @@ class WarmupConfig(RunSettings):
 
     out: str = "runs/warmup"
     init_checkpoint: str = "runs/source_only/model_final.pt"  # the source-only model
-    dataset: str = "toytown"
-    data_root: str = "data/toytown"
+    dataset: str = "toytown"  # the target dataset (name or manifest YAML)
+    data_root: str = "data/toytown"  # the target's root
+    source_dataset: str | None = None  # None: `dataset` (toytown holds both domains); e.g. gta5, synthia
+    source_root: str | None = None  # None: `data_root`
     source_split: str = "source_train"
     target_split: str = "target_train"
-    resize: tuple[int, int] | None = None
+    resize: tuple[int, int] | None = None  # target images resized first (H, W); None keeps the files' size
+    source_resize: tuple[int, int] | None = None  # None: `resize`
     iterations: int = 300
     batch_size: int = 16  # per domain
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -90,7 +93,11 @@ class WarmupConfig(RunSettings):
     d_weight: float = 1.0
     d_lr: float = 1e-4
     d_ndf: int = 32  # discriminator width; reference: 64, sized for 1024×512 maps (1.5× slower a step here)
-    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_size: tuple[int, int] | None = None  # weak-view output (H, W) of both domains; None: the image size
+    # crop heights in pixels per domain (docs/method.md §5.5: GTA5 (341, 950), Cityscapes (341, 1000)); None: crop_scale
+    source_crop_height_range: tuple[int, int] | None = None
+    target_crop_height_range: tuple[int, int] | None = None
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # crop height as a fraction of the image height
     crop_ratio: float = 2.0
     photometric: float = 1.0  # source photometric augmentation, as in source-only training
 
@@ -100,9 +107,15 @@ class WarmupConfig(RunSettings):
             self,
             positive=("d_ndf", "d_lr", "head_lr_mult", "crop_ratio"),
             non_negative=("weight_decay", "source_weight", "adv_weight", "ent_weight", "d_weight", "photometric"),
-            sizes=("resize",),
+            sizes=("resize", "source_resize", "crop_size", "source_crop_height_range", "target_crop_height_range"),
             scale_ranges=("crop_scale",),
         )
+        augment.check_crop_fits(self.source_resize or self.resize, self.source_crop_height_range, self.crop_ratio)
+        augment.check_crop_fits(self.resize, self.target_crop_height_range, self.crop_ratio)
+
+    def source(self) -> tuple[str, str]:
+        """(dataset, root) of the source domain."""
+        return self.source_dataset or self.dataset, self.source_root or self.data_root
 
 
 class FCDiscriminator(nn.Module):
@@ -217,12 +230,19 @@ class AdversarialWarmup:
 
     def __init__(self, cfg: WarmupConfig, device: str, start: int) -> None:
         self.cfg, self.device = cfg, device
-        src = SegDataset(cfg.dataset, cfg.data_root, cfg.source_split, size=cfg.resize)
+        src = SegDataset(*cfg.source(), cfg.source_split, size=cfg.source_resize or cfg.resize)
         tgt = SegDataset(cfg.dataset, cfg.data_root, cfg.target_split, size=cfg.resize)
-        self.hw = tuple(src[0]["image"].shape[-2:])
-        if self.hw != tuple(tgt[0]["image"].shape[-2:]) and cfg.resize is None:
-            hw_t = tuple(tgt[0]["image"].shape[-2:])
-            raise InputError(f"resize: source images are {self.hw}, target images {hw_t}; set resize to one size")
+        if src.protocol.classes != tgt.protocol.classes:
+            raise InputError(
+                f"source_dataset: {cfg.source()[0]} labels {src.protocol.num_classes} classes, the target "
+                f"{cfg.dataset} {tgt.protocol.num_classes}; the warm-up needs one class list"
+            )
+        hw_s, hw_t = tuple(src[0]["image"].shape[-2:]), tuple(tgt[0]["image"].shape[-2:])
+        if cfg.crop_size is None and hw_s != hw_t:
+            raise InputError(f"crop_size: source images are {hw_s}, target images {hw_t}; set crop_size (or resize)")
+        self.hw = tuple(cfg.crop_size) if cfg.crop_size is not None else hw_s
+        augment.check_crop_fits(hw_s, cfg.source_crop_height_range, cfg.crop_ratio)  # the files' size, if not resized
+        augment.check_crop_fits(hw_t, cfg.target_crop_height_range, cfg.crop_ratio)
         num_classes = src.protocol.num_classes
         self.meta = checkpoint_meta(cfg.init_checkpoint)
         self.model = load_model(cfg.init_checkpoint, device, num_classes=num_classes)
@@ -246,20 +266,22 @@ class AdversarialWarmup:
         self.source = stage_batches(src, cfg, start, device, cfg.seed)
         self.target = stage_batches(tgt, cfg, start, device, cfg.seed + 1)
 
-    def _weak(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weak(self, batch: dict, heights: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flip and random-sized crop of one domain's batch to ``[B,3,*self.hw]`` (labels ``[B,*self.hw]``)."""
         cfg = self.cfg
         v = augment.make_views(
             batch["image"].to(self.device), batch["label"].to(self.device), generator=self.gen,
-            crop_size=self.hw, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio, strong=False,
+            crop_size=self.hw, crop_height_range=heights, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
+            strong=False,
         )  # fmt: skip
         return v.weak, v.label
 
     def step(self, it: int) -> dict[str, float]:
         cfg = self.cfg
-        xs, ys = self._weak(next(self.source))
+        xs, ys = self._weak(next(self.source), cfg.source_crop_height_range)
         if cfg.photometric > 0:
             xs = augment.photometric(xs, generator=self.gen, strength=cfg.photometric)
-        xt, _ = self._weak(next(self.target))  # the target label is never read (unsupervised)
+        xt, _ = self._weak(next(self.target), cfg.target_crop_height_range)  # its label is never read
         lr = set_lr(self.opt, self.base_lrs, lr_factor(it, cfg.iterations, cfg.schedule))
         set_lr(self.opt_d, [cfg.d_lr], lr_factor(it, cfg.iterations, cfg.schedule))
         g_loss, d_loss, terms = warmup_step(

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from hias_nb.errors import InputError
 from hias_nb.models import DeepLabV2
@@ -163,3 +164,35 @@ def test_config_rejects_bad_values():
         WarmupConfig(adv_weight=-1).validate()
     with pytest.raises(InputError, match="d_lr"):
         WarmupConfig(d_lr=0).validate()
+
+
+def test_warmup_across_two_datasets_with_the_papers_crops(tiny_toytown, model_ckpt, tmp_path):
+    """A source from another root (GTA5 → Cityscapes style): naming the same root explicitly gives the very same
+    run as the single-root default; a source of another image size needs crop_size; crop-height ranges in pixels
+    per domain, checked against the files before any step; both datasets are identified in inputs.yaml."""
+    from hias_nb.data.toytown import generate_toytown
+
+    base = dict(init_checkpoint=str(model_ckpt), data_root=str(tiny_toytown), iterations=2, batch_size=2,
+                checkpoint_every=2, d_ndf=8, progress=False, lr=1e-3, device="cpu")  # fmt: skip
+    a = adversarial_warmup(WarmupConfig(out=str(tmp_path / "a"), **base))
+    b = adversarial_warmup(WarmupConfig(out=str(tmp_path / "b"), source_root=str(tiny_toytown), **base))
+    sa, sb = (torch.load(r / "model_final.pt", weights_only=True)["state_dict"] for r in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ids = yaml.safe_load((b / "inputs.yaml").read_text())
+    assert ids["source_data_root"] == ids["data_root"] and ids["source_data_sha256"] != ids["data_sha256"]
+
+    big = tmp_path / "big"  # a source at another size: 48×96 images against the target's 32×64
+    generate_toytown(big, images=6, seed=1, size=(48, 96), progress=False, workers=1)
+    two = dict(base, source_root=str(big))
+    with pytest.raises(InputError, match="crop_size: source images are \\(48, 96\\), target images \\(32, 64\\)"):
+        adversarial_warmup(WarmupConfig(out=str(tmp_path / "c"), **two))
+    with pytest.raises(InputError, match="crop_height_range: crops up to 40×80 px do not fit images resized to 32×64"):
+        adversarial_warmup(WarmupConfig(out=str(tmp_path / "c"), crop_size=(32, 64), source_crop_height_range=(20, 40),
+                                        target_crop_height_range=(20, 40), **two))  # fmt: skip
+    assert not (tmp_path / "c").exists()  # refused before the folder was made
+    c = adversarial_warmup(WarmupConfig(out=str(tmp_path / "c"), crop_size=(32, 64), source_crop_height_range=(24, 48),
+                                        target_crop_height_range=(16, 32), **two))  # fmt: skip
+    ids = yaml.safe_load((c / "inputs.yaml").read_text())
+    assert ids["source_data_root"] == str(big.resolve()) and ids["data_root"] == str(tiny_toytown.resolve())
+    sc = torch.load(c / "model_final.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(sc["aspp.conv2d_list.0.weight"], sa["aspp.conv2d_list.0.weight"])
