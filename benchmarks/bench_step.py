@@ -72,7 +72,7 @@ def main() -> None:
         for i in range(b):
             hpla(images[i], labels[i])
 
-    scaler = make_scaler(dev, True)
+    scaler = make_scaler(dev, "bf16")
     batch = {"image": p_imgs, "label": p_labs, "provenance": p_prov}
 
     def step() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
         imgs, labs, _ = augment.weak_view(
             images.to(dev), labels.to(dev), out_size=(h, w), h_range=h_range, ratio=2.0, generator=gen
         )
-        with autocast_context(dev, True):
+        with autocast_context(dev, "bf16"):
             logits = plain(augment.normalize(imgs))
         loss = F.cross_entropy(logits.float(), labs, ignore_index=255)
         opt_p.zero_grad(set_to_none=True)

@@ -31,8 +31,9 @@ import pandas as pd
 import yaml
 
 from hias_nb.data import SegDataset
-from hias_nb.demo import DemoConfig, adabn_checkpoint, demo_config, evaluate_stage, resolved_config, run_demo
+from hias_nb.demo import DemoConfig, adabn_checkpoint, demo_config, resolved_config, run_demo
 from hias_nb.errors import InputError
+from hias_nb.evaluate import evaluate_stage
 from hias_nb.io import atomic_path
 from hias_nb.runs import claim_config, resolve_device
 from hias_nb.train import load_model, train_source

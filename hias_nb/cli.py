@@ -95,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--no-control", action="store_true", help="skip the equal-compute control")
     abl.add_argument("--csv", default=None, help="where the long CSV goes (default OUT/ablation.csv)")
 
+    run = sub.add_parser(
+        "run",
+        help="a paper experiment end to end: source-only, warm-up, K rounds, evaluation (resumable)",
+        description="a paper experiment end to end (configs/experiments/*.yaml, docs/reproducing.md); --key value "
+        "overrides any key of the file, e.g. --source_root DIR --target_root DIR --out DIR --start_from FILE "
+        "--round.iterations 4000",
+        allow_abbrev=False,
+    )
+    run.add_argument("experiment", help="experiment YAML, e.g. configs/experiments/gta5_to_cityscapes.yaml")
+    run.add_argument("--smoke", action="store_true", help="the same path on tiny sizes, 2 iterations per stage")
+
     data = sub.add_parser("data", help="generate or check datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     gen = dsub.add_parser("generate", help="write the embedded benchmark as PNG files plus a manifest")
@@ -330,6 +341,12 @@ def _run(argv: list[str]) -> int:
         return _cmd_stage(args.command, args.config, rest)
     if args.command in ("demo", "ablation"):
         return _cmd_demo(args, rest)
+    if args.command == "run":
+        from hias_nb.config import parse_overrides
+        from hias_nb.experiment import run_experiment
+
+        run_experiment(args.experiment, parse_overrides(rest), args.smoke)
+        return 0
     if rest:
         raise InputError(f"hias-nb {args.command}: unrecognised arguments: {' '.join(rest)}")
     if args.command == "data":

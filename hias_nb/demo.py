@@ -35,8 +35,8 @@ from hias_nb.data import SegDataset
 from hias_nb.data.toytown import VERSION as TOYTOWN_VERSION
 from hias_nb.data.toytown import ensure_toytown
 from hias_nb.errors import InputError
-from hias_nb.evaluate import EvalResult, evaluate, report_table, stage_entry, write_report
-from hias_nb.io import read_json, write_json
+from hias_nb.evaluate import evaluate_stage, report_table, write_report
+from hias_nb.io import write_json
 from hias_nb.model_selection import dataset_agreement
 from hias_nb.models import checkpoint_meta, save_checkpoint
 from hias_nb.pretrain import PretrainConfig, pretrain
@@ -55,7 +55,6 @@ __all__ = [
     "resolved_config",
     "run_demo",
     "adabn_checkpoint",
-    "evaluate_stage",
     "summarise",
 ]
 
@@ -205,16 +204,6 @@ def pretrain_config(cfg: DemoConfig, device: str | None = None) -> PretrainConfi
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     name = f"v{TOYTOWN_VERSION}-{run.backbone}-{run.size[0]}x{run.size[1]}-{digest}"
     return dataclasses.replace(run, out=str(Path(cfg.pretrain_root) / name))
-
-
-def evaluate_stage(path: Path, name: str, model, ds, device) -> dict:
-    """Evaluate once and cache the stage entry as JSON (a resumed demo does not re-evaluate)."""
-    if path.exists():
-        return read_json(path)
-    result: EvalResult = evaluate(model, ds, ds.protocol, device, desc=f"evaluate {name}")
-    entry = stage_entry(name, result)
-    write_json(path, entry)
-    return entry
 
 
 def adabn_checkpoint(

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from hias_nb import __version__, augment, distributed
 from hias_nb.classes import IGNORE, Protocol, get_protocol
 from hias_nb.errors import InputError
-from hias_nb.io import write_json
+from hias_nb.io import read_json, write_json
 from hias_nb.metrics import ConfusionMatrix, iou_per_class, iou_table, mean_iou
 from hias_nb.model_selection import LabelFreeScores
 
@@ -35,6 +35,7 @@ __all__ = [
     "evaluate",
     "evaluate_by_severity",
     "stage_entry",
+    "evaluate_stage",
     "protocol_mious",
     "check_protocols",
     "default_eval_size",
@@ -236,6 +237,22 @@ def protocol_mious(result: EvalResult, names: Sequence[str]) -> dict[str, float]
     """The mean IoU of `result`'s confusion matrix under each named protocol (`check_protocols`): SYNTHIA→
     Cityscapes reports its 16- and 13-class means from one 19-class evaluation."""
     return {p.name: round(mean_iou(result.per_class, p.evaluated), 2) for p in check_protocols(names, result.protocol)}
+
+
+def evaluate_stage(
+    path: str | Path, name: str, model: nn.Module, ds, device: str, protocols: Sequence[str] = (), **settings: Any
+) -> dict[str, Any]:
+    """Evaluate `model` on `ds` once and cache its `stage_entry` as JSON at `path` (a resumed run does not
+    re-evaluate); `protocols` add ``miou_by_protocol``; `settings` go to `evaluate` (batch_size, scales, ...)."""
+    path = Path(path)
+    if path.exists():
+        return read_json(path)
+    protocol = check_protocols(protocols, ds.protocol)[0] if protocols else ds.protocol  # the first leads
+    result = evaluate(model, ds, protocol, device, desc=f"evaluate {name}", **settings)
+    extra = {"miou_by_protocol": protocol_mious(result, protocols)} if protocols else {}
+    entry = stage_entry(name, result, **extra)
+    write_json(path, entry)
+    return entry
 
 
 def versions() -> dict[str, str]:
