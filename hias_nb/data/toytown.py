@@ -69,14 +69,16 @@ VERSION = 2
 NUM_CLASSES = 19
 SPLITS: tuple[str, ...] = ("source_train", "source_val", "target_train", "target_val")
 # Per target image, severity = lo + (hi - lo) * Beta(a, b): a mild majority and a hard tail.
-TARGET_SEVERITY: tuple[float, float] = (0.1, 1.0)
-SEVERITY_SHAPE: tuple[float, float] = (1.6, 3.0)
+TARGET_SEVERITY: tuple[float, float] = (0.55, 1.0)
+SEVERITY_SHAPE: tuple[float, float] = (1.5, 2.5)
 PALETTE_SHIFT = 1.0  # fraction of each class's game -> photo colour move made at severity 1
 # Per class, a factor on that move: as in GTA5 -> Cityscapes, some classes change their look a lot between the
 # domains (sidewalk, wall, fence, terrain, the large and two-wheeled vehicles, lights, signs), others little.
-CLASS_SHIFT = np.ones(19, dtype=np.float32)
+CLASS_SHIFT = np.array(
+    [0.5, 1.5, 0.6, 1.5, 1.5, 1.0, 1.3, 1.3, 0.6, 1.5, 0.6, 0.6, 1.0, 0.6, 1.5, 1.5, 1.5, 1.5, 1.5], dtype=np.float32
+)
 DESATURATION = 0.4  # photo colours lose this fraction of their saturation at severity 1
-THIN_DIVISOR = 20  # thin objects are at least max(3, H // THIN_DIVISOR) pixels wide
+THIN_DIVISOR = 14  # thin objects are at least max(3, H // THIN_DIVISOR) pixels wide
 SHADOW_DARKENING = 0.45  # a cast shadow darkens the ground by up to this fraction (target only)
 PNG_COMPRESS_LEVEL = 6  # fixed so that the same seed gives the same bytes
 
@@ -154,12 +156,12 @@ class DomainStyle:
 
 SOURCE_STYLE = DomainStyle(
     horizon=(0.36, 0.46), zoom=4.0, cars_per_lane=1.3, p_truck=0.14, p_bus=0.08, p_train=0.25, persons=2.2,
-    riders=0.9, p_motorcycle=0.4, parked_two_wheelers=0.8, pole_spacing=(9.0, 20.0), p_tree=0.45,
+    riders=0.9, p_motorcycle=0.4, parked_two_wheelers=0.8, pole_spacing=(15.0, 28.0), p_tree=0.45,
     p_terrain=0.4, p_wall=0.25, p_fence=0.25, p_hedge=0.25,
 )  # fmt: skip
 TARGET_STYLE = DomainStyle(
     horizon=(0.38, 0.48), zoom=4.6, cars_per_lane=1.1, p_truck=0.08, p_bus=0.08, p_train=0.25, persons=2.8,
-    riders=1.1, p_motorcycle=0.3, parked_two_wheelers=1.0, pole_spacing=(8.0, 18.0), p_tree=0.5,
+    riders=1.1, p_motorcycle=0.3, parked_two_wheelers=1.0, pole_spacing=(14.0, 26.0), p_tree=0.5,
     p_terrain=0.45, p_wall=0.2, p_fence=0.3, p_hedge=0.3,
 )  # fmt: skip
 
@@ -307,10 +309,10 @@ class _Scene:
         rng, cv, cam = self.rng, self.cv, self.cam
         blocks = []
         d = cam.zoom * 0.4
-        while d < 160:
-            length = rng.uniform(8, 28)
+        while d < 110:
+            length = rng.uniform(12, 32)
             if rng.random() > 0.12:  # else a gap (sky and whatever stands in front)
-                blocks.append((d, d + length, rng.uniform(5, 24), _jitter(rng, _pick(rng, BUILDING_COLOURS))))
+                blocks.append((d, d + length, rng.uniform(9, 24), _jitter(rng, _pick(rng, BUILDING_COLOURS))))
             d += length
         for d0, d1, h, colour in reversed(blocks):  # far first
             cv.poly(_facade(cam, x, 0, h, d0, d1), BUILDING, colour)
@@ -332,11 +334,11 @@ class _Scene:
             length = rng.uniform(5, 25)
             u = rng.random()
             if u < st.p_wall:
-                segments.append((d, d + length, WALL, rng.uniform(0.8, 2.2)))
+                segments.append((d, d + length, WALL, rng.uniform(1.4, 2.8)))
             elif u < st.p_wall + st.p_fence:
-                segments.append((d, d + length, FENCE, rng.uniform(1.0, 1.8)))
+                segments.append((d, d + length, FENCE, rng.uniform(1.4, 2.4)))
             elif u < st.p_wall + st.p_fence + st.p_hedge:
-                segments.append((d, d + length, VEGETATION, rng.uniform(0.8, 1.6)))
+                segments.append((d, d + length, VEGETATION, rng.uniform(1.2, 2.2)))
             d += length + rng.uniform(0, 10)
         for d0, d1, cls, h in reversed(segments):
             colour = _jitter(rng, GAME_PALETTE[cls], 14)
@@ -541,13 +543,13 @@ class _Scene:
         self.ground(xl, xr, sw_l, sw_r, bl, br)
         self.buildings(bl, -1)
         self.buildings(br, 1)
-        self.boundary(xl - sw_l - 0.1, -1)
-        self.boundary(xr + sw_r + 0.1, 1)
+        self.boundary(bl + 0.1, -1)
+        self.boundary(br - 0.1, 1)
         near = cam.zoom * 1.2
 
         for side, kerb, sw in ((-1, xl, sw_l), (1, xr, sw_r)):
             d = near + rng.uniform(0, 8)
-            while d < 50:  # poles near the kerb
+            while d < 36:  # poles near the kerb
                 self.pole(kerb + side * 0.4, d, side)
                 d += rng.uniform(*st.pole_spacing)
             d = near + rng.uniform(0, 10)
