@@ -251,7 +251,8 @@ def evaluate_stage(
     result = evaluate(model, ds, protocol, device, desc=f"evaluate {name}", **settings)
     extra = {"miou_by_protocol": protocol_mious(result, protocols)} if protocols else {}
     entry = stage_entry(name, result, **extra)
-    write_json(path, entry)
+    if distributed.is_main():  # under torchrun every process holds the summed result; one writes it
+        write_json(path, entry)
     return entry
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hias_nb import distributed
 from hias_nb.config import config_to_dict, load_config
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
@@ -186,7 +187,8 @@ def _check_inputs(cfg: ExperimentConfig, smoke: bool) -> SegDataset:
             what = f"{role}: {root}: {len(ds)} images of {ds.manifest.name}/{split}, its manifest lists {listed}"
             if not smoke:
                 raise InputError(f"{what} (an incomplete copy?); --smoke accepts it")
-            print(f"[run] warning: {what} (--smoke)")
+            if distributed.is_main():
+                print(f"[run] warning: {what} (--smoke)")
     check_protocols(cfg.protocols, ds.protocol)  # ds: the validation set
     if cfg.start_from is not None:
         arch = checkpoint_architecture(cfg.start_from)  # a missing or foreign file: exit 2 here
@@ -217,16 +219,33 @@ def print_plan(cfg: ExperimentConfig, plan: dict[str, Any]) -> None:
         print(f"[run]   {name:<16} {_status(stage, final):<14} -> {stage.out}{iters}")
 
 
+def _summary(report: dict, out: Path) -> None:
+    """Print the per-class table and each stage's means; save the per-class figure."""
+    print(report_table(report).round(1).to_string(na_rep="-"))
+    for s in report["stages"]:
+        means = ", ".join(f"{p} {v:.2f}" for p, v in s.get("miou_by_protocol", {}).items())
+        print(f"[run] {s['name']}: {means}")
+    from hias_nb.viz import stage_iou_bars  # local: matplotlib costs a second
+
+    stage_iou_bars(report).savefig(out / "per_class_iou.png", dpi=120, bbox_inches="tight")
+    print(f"[run] report: {out / 'report.json'}")
+
+
 def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, smoke: bool = False) -> dict:
     """Run (or resume, or find complete) the experiment in the file at `path`; returns its report."""
     cfg = experiment_config(path, overrides, smoke)
     device = resolve_device(cfg.device)
+    distributed.init_distributed(device)  # under torchrun every stage runs on all processes; rank 0 writes
+    main = distributed.is_main()
+    say = print if main else (lambda *a, **k: None)
     val = _check_inputs(cfg, smoke)
     plan = experiment_plan(cfg, device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    claim_config(out / "config.yaml", config_to_dict(cfg), ("out", "device"))  # refuses another experiment
-    print_plan(cfg, plan)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        claim_config(out / "config.yaml", config_to_dict(cfg), ("out", "device"))  # refuses another experiment
+        print_plan(cfg, plan)
+    distributed.barrier()
     t0 = time.perf_counter()
     ev = config_to_dict(cfg.evaluate)
     settings = {**ev, "size": tuple(ev["size"]) if ev["size"] else None, "scales": tuple(ev["scales"])}
@@ -236,30 +255,26 @@ def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, sm
 
     stages, students = [], []
     if cfg.start_from is None:
-        print("[run] stage source_only")
+        say("[run] stage source_only")
         stages.append(evaluated("source_only", train_source(plan["source_only"]), out / "source_only" / "eval.json"))
-        print("[run] stage warmup")
+        say("[run] stage warmup")
         warm = adversarial_warmup(plan["warmup"]) / "model_final.pt"
         stages.append(evaluated("warmup", warm, out / "warmup" / "eval.json"))
     else:
         stages.append(evaluated("start", Path(cfg.start_from), out / "start_eval.json"))
     for k in range(1, cfg.rounds + 1):
-        print(f"[run] stage round_{k}: pseudo-labels (alpha {cfg.alpha[k - 1]}), then self-training")
+        say(f"[run] stage round_{k}: pseudo-labels (alpha {cfg.alpha[k - 1]}), then self-training")
         generate_pseudo_labels(plan[f"round_{k}/pseudo"])
         run = self_train(plan[f"round_{k}/train"])
         rdir = out / f"round_{k}"
         stages.append(evaluated(f"round_{k}", run / "teacher_final.pt", rdir / "eval_teacher.json"))
         students.append(evaluated(f"round_{k}_student", run / "student_final.pt", rdir / "eval_student.json"))
-    report = write_report(
-        out / "report.json", check_protocols(cfg.protocols, val.protocol)[0], stages + students,
-        time.perf_counter() - t0, {"experiment": config_to_dict(cfg), "file": str(path), "smoke": smoke},
-    )  # fmt: skip
-    print(report_table(report).round(1).to_string(na_rep="-"))
-    for s in report["stages"]:
-        means = ", ".join(f"{p} {v:.2f}" for p, v in s.get("miou_by_protocol", {}).items())
-        print(f"[run] {s['name']}: {means}")
-    from hias_nb.viz import stage_iou_bars  # local: matplotlib costs a second
-
-    stage_iou_bars(report).savefig(out / "per_class_iou.png", dpi=120, bbox_inches="tight")
-    print(f"[run] report: {out / 'report.json'}")
+    report = {"stages": stages + students}
+    if main:  # every process holds the same entries (evaluation sums its confusion matrices over all of them)
+        report = write_report(
+            out / "report.json", check_protocols(cfg.protocols, val.protocol)[0], stages + students,
+            time.perf_counter() - t0, {"experiment": config_to_dict(cfg), "file": str(path), "smoke": smoke},
+        )  # fmt: skip
+        _summary(report, out)
+    distributed.barrier()
     return report
