@@ -225,6 +225,22 @@ def test_a_folder_of_another_version_is_refused_by_name(tmp_path):
     assert _files(out) == before  # nothing overwritten
 
 
+@pytest.mark.parametrize(("key", "value"), [("class_shift", [1.0] * 19), ("code_sha256", "0" * 64)])
+def test_a_folder_drawn_by_another_generator_of_the_same_version_is_refused(tmp_path, key, value):
+    """Same version, seed, size and count, but other drawing constants or other drawing code: refused by the
+    key that differs, never reused as if it were this benchmark; the same generator's folder is reused as is."""
+    out = tmp_path / "tt"
+    generate_toytown(out, images=2, seed=1, size=SMALL, workers=1, progress=False)
+    assert ensure_toytown(out, images=2, seed=1, size=SMALL)["generator"]["code_sha256"]  # reused
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["generator"][key] = value
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = _files(out)
+    with pytest.raises(InputError, match=f"generator.{key}: drawn by another toytown 2 generator"):
+        ensure_toytown(out, images=2, seed=1, size=SMALL)
+    assert _files(out) == before
+
+
 def test_toytown_grid_draws_without_a_display(tmp_path):
     from hias_nb.viz import toytown_grid
 

@@ -32,6 +32,7 @@ Labels are uint8 grey PNGs with values 0..18 (drawn without anti-aliasing: no 25
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -798,6 +799,9 @@ def _generator_params() -> dict[str, Any]:
         "photo_palette": PHOTO_PALETTE.astype(int).tolist(),
         "png_compress_level": PNG_COMPRESS_LEVEL,
         "min_thin_px": f"max(3, H // {THIN_DIVISOR})",
+        "class_shift": [round(float(v), 4) for v in CLASS_SHIFT],
+        # every other drawing rule is code: a folder drawn by other code is another benchmark, never mixed
+        "code_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
 
 
@@ -841,13 +845,21 @@ def _existing(out: Path, seed: int, size: tuple[int, int], images: int) -> dict 
     if not any(out.iterdir()):
         return None
     manifest = read_manifest(out)
-    if manifest is not None and _matches(manifest, seed, size, images):
-        return manifest
     if manifest is not None and manifest.get("version") != VERSION:
         raise InputError(
             f"{out}/manifest.json: version: holds toytown version {manifest.get('version')}, this hias_nb generates "
             f"version {VERSION}; versions are never mixed: remove the folder or choose another data_root"
         )
+    if manifest is not None and _matches(manifest, seed, size, images):
+        ours = json.loads(json.dumps(_generator_params()))
+        theirs = manifest.get("generator") or {}
+        differ = [k for k in ours if theirs.get(k) != ours[k]]
+        if differ:
+            raise InputError(
+                f"{out}/manifest.json: generator.{differ[0]}: drawn by another toytown {VERSION} generator than this "
+                "hias_nb's; data of two generators are never mixed: remove the folder or choose another data_root"
+            )
+        return manifest
     raise InputError(
         f"{out}: folder is not empty and does not hold toytown with seed={seed}, size={list(size)}, "
         f"images={images}; choose another folder or empty it"
