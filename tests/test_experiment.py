@@ -115,7 +115,7 @@ def test_bad_inputs_exit_2_naming_the_field_before_any_stage(roots, tmp_path, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (extra, err)
     assert main(["run", str(typo), "--smoke"]) == 2
-    assert "unknown config key 'round_lrs' (did you mean round_lr?)" in capsys.readouterr().err
+    assert "typo.yaml: unknown config key 'round_lrs' (did you mean round_lr" in capsys.readouterr().err
     # without --smoke an incomplete copy is refused: the tiny trees hold 4 of GTA5's 24,941 images
     assert main(good[:2] + good[3:]) == 2
     assert "4 images of gta5/train, its manifest lists 24941" in capsys.readouterr().err
