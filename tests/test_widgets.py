@@ -35,13 +35,16 @@ def test_threshold_replay_matches_ias_and_redraws(pseudo_dir, tiny_toytown, mode
     # the replay at the folder's settings is the IAS history written during generation
     np.testing.assert_array_equal(w.thresholds, analysis.threshold_matrix(pseudo_dir))
     before_png = w.image.value
-    before = w.lines[0].get_ydata().copy()
+    before = [line.get_ydata().copy() for line in w.lines]
     w.alpha.value = 0.1
     assert w.image.value != before_png
     expected, _ = replay_ias(pd.read_parquet(pseudo_dir / "histograms.parquet"), C, 0.1, 0.9, 8.0, batch_size=2)
     np.testing.assert_array_equal(w.thresholds, expected)
     np.testing.assert_array_equal(w.lines[0].get_ydata(), expected[:, 0])
-    assert not np.array_equal(before, w.lines[0].get_ydata())
+    # the curves were redrawn: every line shows the new history, and a class the model predicts moved
+    for k, line in enumerate(w.lines):
+        np.testing.assert_array_equal(line.get_ydata(), expected[:, k])
+    assert any(not np.array_equal(b, line.get_ydata()) for b, line in zip(before, w.lines, strict=True))
     assert w.seconds < 1.0  # replay + redraw (< 0.2 s on an idle machine; shared CPUs here)
     w.instance.value = "image"
     assert w.thresholds.shape == (24, C)  # one instance per image of the tiny target-train split
