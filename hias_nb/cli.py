@@ -71,6 +71,19 @@ def _demo_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     return p
 
 
+def _run_parser(sub) -> None:
+    run = sub.add_parser(
+        "run",
+        help="a paper experiment end to end: source-only, warm-up, K rounds, evaluation (resumable)",
+        description="a paper experiment end to end (configs/experiments/*.yaml, docs/reproducing.md); --key value "
+        "overrides any key of the file, e.g. --source_root DIR --target_root DIR --out DIR --start_from FILE "
+        "--round.iterations 4000",
+        allow_abbrev=False,
+    )
+    run.add_argument("experiment", help="experiment YAML, e.g. configs/experiments/gta5_to_cityscapes.yaml")
+    run.add_argument("--smoke", action="store_true", help="the same path on tiny sizes, 2 iterations per stage")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hias_nb.pseudo_label import PseudoLabelConfig
     from hias_nb.self_train import SelfTrainConfig
@@ -95,17 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--no-control", action="store_true", help="skip the equal-compute control")
     abl.add_argument("--csv", default=None, help="where the long CSV goes (default OUT/ablation.csv)")
 
-    run = sub.add_parser(
-        "run",
-        help="a paper experiment end to end: source-only, warm-up, K rounds, evaluation (resumable)",
-        description="a paper experiment end to end (configs/experiments/*.yaml, docs/reproducing.md); --key value "
-        "overrides any key of the file, e.g. --source_root DIR --target_root DIR --out DIR --start_from FILE "
-        "--round.iterations 4000",
-        allow_abbrev=False,
-    )
-    run.add_argument("experiment", help="experiment YAML, e.g. configs/experiments/gta5_to_cityscapes.yaml")
-    run.add_argument("--smoke", action="store_true", help="the same path on tiny sizes, 2 iterations per stage")
-
+    _run_parser(sub)
     data = sub.add_parser("data", help="generate or check datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     gen = dsub.add_parser("generate", help="write the embedded benchmark as PNG files plus a manifest")
