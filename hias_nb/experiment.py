@@ -171,6 +171,7 @@ def experiment_plan(cfg: ExperimentConfig, device: str | None = None) -> dict[st
 def _check_inputs(cfg: ExperimentConfig, smoke: bool) -> SegDataset:
     """Everything that can be checked before a stage starts; returns the validation set. A split with fewer
     images than its manifest lists (an incomplete copy) is refused, or only warned about with `smoke`."""
+    found: dict[str, SegDataset] = {}
     for role, (name, root, split) in {
         "source": (cfg.source_dataset, cfg.source_root, cfg.source_split),
         "target": (cfg.target_dataset, cfg.target_root, cfg.target_split),
@@ -182,6 +183,7 @@ def _check_inputs(cfg: ExperimentConfig, smoke: bool) -> SegDataset:
             ds = SegDataset(name, root, split)
         except InputError as e:
             raise InputError(f"{role}: {e}") from None
+        found[role] = ds
         listed = ds.manifest.split(split).count
         if listed is not None and len(ds) < listed:
             what = f"{role}: {root}: {len(ds)} images of {ds.manifest.name}/{split}, its manifest lists {listed}"
@@ -189,6 +191,10 @@ def _check_inputs(cfg: ExperimentConfig, smoke: bool) -> SegDataset:
                 raise InputError(f"{what} (an incomplete copy?); --smoke accepts it")
             if distributed.is_main():
                 print(f"[run] warning: {what} (--smoke)")
+    if "source" in found and found["source"].protocol.classes != ds.protocol.classes:  # before any training
+        n_src = found["source"].protocol.num_classes
+        raise InputError(f"source_dataset: {cfg.source_dataset} labels {n_src} classes, {cfg.target_dataset} "
+                         f"{ds.protocol.num_classes}: one class list is needed")  # fmt: skip
     check_protocols(cfg.protocols, ds.protocol)  # ds: the validation set
     if cfg.start_from is not None:
         arch = checkpoint_architecture(cfg.start_from)  # a missing or foreign file: exit 2 here

@@ -105,6 +105,10 @@ def test_bad_inputs_exit_2_naming_the_field_before_any_stage(roots, tmp_path, ca
         (["--source_root", str(tmp_path / "nowhere")], "source:"),
         (["--target_root", str(roots["gta5"])], "target:"),  # not a Cityscapes tree
         (["--val_split", "test"], "val:"),
+        (
+            ["--source_dataset", "cityscapes_oxford9", "--source_root", str(roots["cityscapes"])],
+            "source_dataset: cityscapes_oxford9 labels 9 classes",
+        ),  # checked before source-only training
         (["--protocols", "[oxford9]"], "protocol: oxford9"),
         (["--round_lr", "[1e-6]"], "round_lr: 1 values for 3 rounds"),
         (["--round.lr", "1e-6"], "round.lr: set per round by round_lr"),  # never silently replaced
