@@ -202,7 +202,7 @@ def _check_against_meta(ckpt: Path, meta: dict, backbone: str, rates: tuple[int,
 def _cmd_evaluate(args) -> int:
     from hias_nb.data import SegDataset
     from hias_nb.evaluate import check_protocols, default_eval_size, evaluate, protocol_mious, stage_entry, write_report
-    from hias_nb.models import DeepLabV2, checkpoint_meta, load_checkpoint
+    from hias_nb.models import DeepLabV2, checkpoint_meta, load_complete
     from hias_nb.runs import check_writable, resolve_device
 
     ckpt = Path(args.checkpoint)
@@ -230,14 +230,10 @@ def _cmd_evaluate(args) -> int:
         )
     _check_against_meta(ckpt, meta, backbone, rates)
     model = DeepLabV2(backbone, num_classes=ds.protocol.num_classes, aspp_rates=rates)
-    report = load_checkpoint(model, ckpt)
-    print(report)
-    missing = [k for k in report.missing if not k.endswith("num_batches_tracked")]  # absent from old files
-    if missing or report.unexpected:  # a half-random model is never worth a report
-        raise InputError(
-            f"{ckpt}: does not fit a {backbone} model with ASPP rates {rates} ({len(missing)} missing keys, e.g. "
-            f"{missing[:2]}; {len(report.unexpected)} unexpected, e.g. {report.unexpected[:2]}); check --backbone"
-        )
+    try:
+        print(load_complete(model, ckpt))
+    except InputError as e:
+        raise InputError(f"{e}; check --backbone") from None
     model.to(device)
     result = evaluate(
         model,

@@ -45,6 +45,7 @@ __all__ = [
     "set_bn_eval",
     "save_checkpoint",
     "load_checkpoint",
+    "load_complete",
     "checkpoint_meta",
     "checkpoint_architecture",
     "PUBLISHED_ARCHITECTURE",
@@ -385,6 +386,22 @@ def load_checkpoint(
     if strict and (report.missing or report.unexpected):
         raise InputError(f"{name}: strict load refused: {report}")
     model.load_state_dict(mapped, strict=False)
+    return report
+
+
+def load_complete(model: nn.Module, source: str | os.PathLike) -> LoadReport:
+    """`load_checkpoint` that refuses a partial load: every model key must be in the file (BatchNorm counters,
+    absent from older files, excepted) and no file key may be left unused but for the ignored ones — a
+    half-random model is never worth evaluating, labelling with or training from."""
+    report = load_checkpoint(model, source)
+    missing = [k for k in report.missing if not k.endswith("num_batches_tracked")]
+    if missing or report.unexpected:
+        m = _unwrap(model)
+        arch = f"{m.backbone_name} model with ASPP rates {tuple(m.aspp_rates)}" if isinstance(m, DeepLabV2) else "model"
+        raise InputError(
+            f"{source}: does not fit a {arch} ({len(missing)} missing keys, e.g. {missing[:2]}; "
+            f"{len(report.unexpected)} unexpected, e.g. {report.unexpected[:2]})"
+        )
     return report
 
 

@@ -28,6 +28,7 @@ from hias_nb.models import (
     describe_init,
     freeze_bn,
     load_checkpoint,
+    load_complete,
     save_checkpoint,
 )
 from hias_nb.runner import RunSettings
@@ -208,14 +209,7 @@ def load_model(checkpoint: str | Path, device: str, num_classes: int | None = No
     if num_classes is not None and arch["num_classes"] != num_classes:
         raise InputError(f"{checkpoint}: num_classes is {arch['num_classes']}, expected {num_classes}")
     model = DeepLabV2(arch["backbone"], num_classes=arch["num_classes"], aspp_rates=arch["aspp_rates"])
-    report = load_checkpoint(model, checkpoint)
-    missing = [k for k in report.missing if not k.endswith("num_batches_tracked")]  # absent from older files
-    if missing or report.unexpected:  # a half-random model is never worth training or labelling with
-        raise InputError(
-            f"{checkpoint}: does not fit a {arch['backbone']} DeepLab-v2 with ASPP rates {arch['aspp_rates']} "
-            f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(report.unexpected)} unexpected, "
-            f"e.g. {report.unexpected[:2]})"
-        )
+    report = load_complete(model, checkpoint)
     if arch["layout"] == "published":
         print(f"published layout, loaded as {arch['backbone']} DeepLab-v2: {report}")
     return model.to(device).eval()  # callers that train switch it back with .train()
