@@ -1,6 +1,6 @@
 """Training-step cost of candidate toytown backbones at output stride 8, measured side by side in one run.
 
-    python benchmarks/bench_backbones.py [--size 96 192] [--batch 16] [--steps 6] [--amp]
+    python benchmarks/bench_backbones.py [--size 96 192] [--batch 16] [--steps 6] [--amp bf16|off]
         [--backbones resnet10t regnetx_002 ...]
 
 Each candidate is the demo's model (`hias_nb.models.DeepLabV2`: the timm backbone at output stride 8 plus the
@@ -26,7 +26,7 @@ CANDIDATES = ("resnet10t", "resnet14t", "resnet18", "regnetx_002", "regnety_002"
               "efficientnet_lite0", "lcnet_100")  # fmt: skip
 
 
-def step_seconds(backbone: str, size: tuple[int, int], batch: int, steps: int, amp: bool) -> tuple[float, float]:
+def step_seconds(backbone: str, size: tuple[int, int], batch: int, steps: int, amp: str) -> tuple[float, float]:
     """Median seconds of one training step and the parameter count in millions."""
     torch.manual_seed(0)
     model = DeepLabV2(backbone, num_classes=19, aspp_rates=(1, 2, 4, 6))
@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=2, default=(96, 192))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast (fast only with native bf16)")
+    ap.add_argument("--amp", choices=("bf16", "off"), default="bf16",
+                    help="autocast precision (bf16 is fast only with native bf16)")  # fmt: skip
     ap.add_argument("--backbones", nargs="+", default=list(CANDIDATES))
     args = ap.parse_args()
     print(f"threads {torch.get_num_threads()}, size {args.size[0]}x{args.size[1]}, batch {args.batch}, amp {args.amp}")
