@@ -33,7 +33,7 @@ from hias_nb.classes import get_protocol
 from hias_nb.config import config_to_dict, load_config, override
 from hias_nb.data import SegDataset
 from hias_nb.data.toytown import VERSION as TOYTOWN_VERSION
-from hias_nb.data.toytown import ensure_toytown
+from hias_nb.data.toytown import ensure_toytown, generator_digest
 from hias_nb.errors import InputError
 from hias_nb.evaluate import evaluate_stage, report_table, write_report
 from hias_nb.io import write_json
@@ -197,10 +197,12 @@ def stage_configs(cfg: DemoConfig, device: str | None = None) -> dict[str, Any]:
 def pretrain_config(cfg: DemoConfig, device: str | None = None) -> PretrainConfig:
     """The demo's pretraining run: at toytown's size, seeded by its own ``data_seed`` (shared by every training
     seed, like downloaded weights), in a folder of ``pretrain_root`` named by the benchmark version and a digest
-    of its settings, so that runs of other settings sit beside it instead of being refused or mixed."""
+    of its settings and of the generator's (`generator_digest`), so that runs of other settings sit beside it
+    instead of being refused or mixed."""
     run = dataclasses.replace(cfg.pretrain, size=tuple(cfg.size), seed=cfg.pretrain.data_seed, out="",
                               device=device or cfg.device)  # fmt: skip
     key = {k: v for k, v in config_to_dict(run).items() if k not in RUN_ONLY}
+    key["toytown_generator"] = generator_digest()  # scenes drawn by other code: another pretraining
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     name = f"v{TOYTOWN_VERSION}-{run.backbone}-{run.size[0]}x{run.size[1]}-{digest}"
     return dataclasses.replace(run, out=str(Path(cfg.pretrain_root) / name))

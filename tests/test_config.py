@@ -99,6 +99,18 @@ def test_default_demo_gives_each_stage_the_toytown_values():
         assert got["out"] == f"runs/demo/{stage}" and got["device"] == "cpu" and got["data_root"] == "data/toytown"
 
 
+def test_the_pretraining_cache_is_keyed_by_the_generator(monkeypatch):
+    # a cached pretraining drawn by another generator (other constants or drawing code) must not be reused
+    from hias_nb.data import toytown
+    from hias_nb.demo import demo_config, pretrain_config
+
+    before = pretrain_config(demo_config()).out
+    assert pretrain_config(demo_config()).out == before  # deterministic
+    monkeypatch.setattr(toytown, "DESATURATION", toytown.DESATURATION + 0.1)
+    changed = pretrain_config(demo_config()).out
+    assert changed != before and changed.startswith("data/toytown_pretrain/v2-resnet10t-64x128-")
+
+
 def test_stage_defaults_are_the_demos():
     """One place per stage: the demo's sections are the stage configs' own defaults."""
     from hias_nb.demo import DemoConfig

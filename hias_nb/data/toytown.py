@@ -10,16 +10,24 @@ facades with windows, verges of terrain, walls/fences/hedges, trees, poles carry
 signs, cars/trucks/buses on lanes, sometimes a tram, persons, riders on bicycles/motorcycles and parked
 two-wheelers, all with the 19 Cityscapes train ids (`hias_nb.classes.CITYSCAPES_CLASSES`).
 
+Colours: walls, fences, buildings, signs, clothes and every vehicle are drawn in any hue (`COLOUR_RANGES`), so
+colour does not tell those classes apart, as on photographs; road, paving, vegetation, terrain and sky keep a
+natural range. Each class also carries a luminance pattern (paving joints, bricks, ribbing, speckle) that
+colour operations keep.
+
 Two domains:
-- **source** (game-like): flat saturated colours, sharp edges, faint textures;
-- **target** (photo-like): a class-palette shift interpolated in RGB, desaturation, stronger and different
-  textures, haze, a lighting gradient, gamma/contrast, a colour cast, blur and sensor noise; a slightly
-  different camera (narrower field of view, so objects look larger) and different object frequencies (more
-  pedestrians and two-wheelers, fewer trucks). The shift's strength (`severity`) is drawn per target image
-  from U[0.5, 1], so the target is heterogeneous.
+- **source** (game-like): sharp edges, faint textures, the game's surface patterns (small tiles, brick walls,
+  slatted fences, ribbed trucks) and sign faces (disc, square, triangle);
+- **target** (photo-like): the photo's surface patterns (large slabs, concrete panels, wire-mesh fences,
+  panelled trucks) and sign faces (disc, wide panel, diamond); natural colours moved (paving greyer, grass
+  drier, foliage duller, sky paler), desaturation, stronger and coarser noise textures, a cast shadow, haze, a
+  lighting gradient, gamma/contrast, a colour cast, blur and sensor noise; a slightly different camera (narrower
+  field of view, so objects look larger) and different object frequencies (more pedestrians and two-wheelers,
+  fewer trucks). The photometric shift's strength (`severity`) is drawn per target image (`draw_severity`), so
+  the target is heterogeneous.
 
 Thin and small classes (pole, traffic light, traffic sign, person, rider, motorcycle, bicycle) are rare, as in
-real street data, but never thinner than `max(2, H // 32)` pixels, so they stay learnable.
+real street data, but never thinner than `max(3, H // THIN_DIVISOR)` pixels, so they stay learnable.
 
 Layout on disk::
 
@@ -31,6 +39,7 @@ Labels are uint8 grey PNGs with values 0..18 (drawn without anti-aliasing: no 25
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import hashlib
 import json
@@ -64,6 +73,7 @@ __all__ = [
     "generate_toytown",
     "ensure_toytown",
     "read_manifest",
+    "generator_digest",
 ]
 
 VERSION = 2
@@ -90,41 +100,54 @@ PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE = range(11, 19)
 CAMERA_HEIGHT = 1.6  # metres
 FAR = 400.0  # metres: where ground strips end (they converge to the vanishing point)
 
-# Per class: its game colour (source: saturated, flat; instances jitter around it or pick from the class's colour
-# list below) and the photo colour it drifts to at severity 1 (target: duller, real-world tones).
-_PALETTES = [
-    ((70, 68, 92), (118, 112, 108)),  # road
-    ((196, 150, 178), (150, 144, 136)),  # sidewalk
-    ((160, 112, 82), (128, 118, 108)),  # building
-    ((206, 196, 150), (150, 146, 132)),  # wall
-    ((168, 124, 58), (126, 110, 88)),  # fence
-    ((70, 70, 78), (128, 128, 124)),  # pole
-    ((40, 40, 40), (60, 62, 58)),  # light
-    ((240, 200, 0), (180, 170, 70)),  # sign
-    ((36, 176, 52), (80, 106, 58)),  # vegetation
-    ((150, 214, 70), (128, 132, 82)),  # terrain
-    ((70, 150, 250), (176, 192, 210)),  # sky
-    ((200, 60, 60), (150, 80, 80)),  # person
-    ((200, 60, 60), (150, 80, 80)),  # rider
-    ((200, 40, 40), (150, 70, 70)),  # car
-    ((230, 230, 230), (190, 190, 186)),  # truck
-    ((250, 196, 0), (196, 150, 50)),  # bus
-    ((210, 36, 44), (164, 70, 70)),  # train
-    ((30, 30, 200), (70, 70, 140)),  # motorcycle
-    ((20, 120, 200), (60, 100, 140)),  # bicycle
+# Per class, the range its instances' colours are drawn from, the same in both domains: (hue centre, hue
+# half-width) in degrees, (saturation lo, hi), (value lo, hi) in HSV. Classes whose real counterparts come in
+# any colour (buildings, walls, fences, signs, clothes, every vehicle) draw any hue with a wide saturation and
+# value, so their colour says nothing about them and a model must learn their shape, texture and place, as on
+# photographs; the strong view's hue, grey and solarise operations then erase no class. Ground, vegetation and
+# sky keep a natural range (as on photographs, colour is one of their cues).
+ANY_HUE = (0.0, 180.0)
+COLOUR_RANGES: list[tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = [
+    ((230.0, 30.0), (0.0, 0.15), (0.22, 0.42)),  # road: dark grey asphalt
+    (ANY_HUE, (0.0, 0.2), (0.45, 0.78)),  # sidewalk: light paving, any tint
+    (ANY_HUE, (0.05, 0.45), (0.35, 0.82)),  # building
+    (ANY_HUE, (0.0, 0.5), (0.3, 0.9)),  # wall
+    (ANY_HUE, (0.0, 0.6), (0.25, 0.8)),  # fence
+    ((220.0, 180.0), (0.0, 0.12), (0.2, 0.55)),  # pole: grey metal
+    ((0.0, 180.0), (0.0, 0.12), (0.08, 0.25)),  # traffic light: dark housing
+    (ANY_HUE, (0.4, 1.0), (0.55, 1.0)),  # traffic sign
+    ((110.0, 25.0), (0.4, 0.8), (0.25, 0.6)),  # vegetation
+    ((75.0, 35.0), (0.3, 0.65), (0.4, 0.75)),  # terrain: grass to dry earth
+    ((210.0, 15.0), (0.05, 0.6), (0.75, 1.0)),  # sky: blue to overcast
+    (ANY_HUE, (0.0, 0.8), (0.15, 0.9)),  # person (clothes)
+    (ANY_HUE, (0.0, 0.8), (0.15, 0.9)),  # rider (clothes)
+    (ANY_HUE, (0.0, 0.85), (0.2, 0.95)),  # car
+    (ANY_HUE, (0.0, 0.85), (0.2, 0.95)),  # truck
+    (ANY_HUE, (0.0, 0.85), (0.2, 0.95)),  # bus
+    (ANY_HUE, (0.0, 0.85), (0.2, 0.95)),  # train
+    (ANY_HUE, (0.0, 0.9), (0.15, 0.95)),  # motorcycle
+    (ANY_HUE, (0.0, 0.9), (0.15, 0.95)),  # bicycle
 ]
-GAME_PALETTE = np.array([game for game, _ in _PALETTES], dtype=np.float32)
-PHOTO_PALETTE = np.array([photo for _, photo in _PALETTES], dtype=np.float32)
-BUILDING_COLOURS = [(160, 112, 82), (186, 176, 150), (124, 124, 142), (200, 178, 120), (150, 90, 70)]
-CAR_COLOURS = [(200, 40, 40), (30, 60, 190), (230, 230, 230), (40, 40, 44), (150, 150, 156), (40, 140, 60),
-               (230, 180, 20), (110, 30, 120)]  # fmt: skip
-TRUCK_COLOURS = [(230, 230, 230), (210, 110, 30), (60, 110, 60), (150, 150, 150)]
-BUS_COLOURS = [(250, 196, 0), (30, 120, 200), (220, 60, 40)]
-SIGN_COLOURS = [(240, 200, 0), (30, 80, 210), (220, 40, 40), (250, 250, 250)]
-CLOTHES = [(30, 30, 120), (160, 20, 20), (30, 30, 30), (200, 200, 200), (40, 120, 40), (220, 160, 30),
-           (120, 60, 20), (90, 90, 110)]  # fmt: skip
+
+
+def _hsv_to_rgb(hue_deg: float, sat: float, val: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb((hue_deg % 360.0) / 360.0, sat, val)
+    return int(round(255 * r)), int(round(255 * g)), int(round(255 * b))
+
+
+# A class's central colour: what the pretraining domain scales its random colours against (windows stay darker
+# than their facade) and what the target's shift starts from.
+GAME_PALETTE = np.array([_hsv_to_rgb(h, sum(s) / 2, sum(v) / 2) for (h, _), s, v in COLOUR_RANGES], dtype=np.float32)
+# Per class, the move (RGB, at severity 1, before CLASS_SHIFT) of the target's colours: as in GTA5 ->
+# Cityscapes, paving turns greyer and darker, grass browner, foliage duller, skies paler; classes drawn in
+# any hue are only desaturated (DESATURATION) and cast (the photo finish).
+PHOTO_SHIFT = np.zeros((19, 3), dtype=np.float32)
+PHOTO_SHIFT[1] = (-22, -22, -18)  # sidewalk: towards the road's grey
+PHOTO_SHIFT[8] = (10, -40, -5)  # vegetation: olive
+PHOTO_SHIFT[9] = (30, -10, -25)  # terrain: dry, brown
+PHOTO_SHIFT[10] = (40, 25, -10)  # sky: paler, hazier
+
 SKIN = [(236, 190, 150), (190, 140, 100), (120, 80, 55)]
-TWO_WHEEL_COLOURS = [(20, 120, 200), (200, 30, 30), (30, 30, 30), (230, 230, 230), (40, 160, 60)]
 
 # Texture amplitude per class (grey levels of a fine and a coarse noise field); target textures are stronger
 # and coarser, as in photographs.
@@ -153,17 +176,19 @@ class DomainStyle:
     p_wall: float
     p_fence: float
     p_hedge: float
+    sign_shapes: tuple[int, ...]  # sign faces drawn: 0 disc, 1 square, 2 triangle, 3 wide panel, 4 diamond
+    photo_surfaces: bool  # the photo look of surfaces: concrete walls, mesh fences, panelled trucks (else the game's)
 
 
 SOURCE_STYLE = DomainStyle(
     horizon=(0.36, 0.46), zoom=4.0, cars_per_lane=1.3, p_truck=0.14, p_bus=0.08, p_train=0.25, persons=2.2,
     riders=0.9, p_motorcycle=0.4, parked_two_wheelers=0.8, pole_spacing=(15.0, 28.0), p_tree=0.45,
-    p_terrain=0.4, p_wall=0.25, p_fence=0.25, p_hedge=0.25,
+    p_terrain=0.4, p_wall=0.25, p_fence=0.25, p_hedge=0.25, sign_shapes=(0, 1, 2), photo_surfaces=False,
 )  # fmt: skip
 TARGET_STYLE = DomainStyle(
     horizon=(0.38, 0.48), zoom=4.6, cars_per_lane=1.1, p_truck=0.08, p_bus=0.08, p_train=0.25, persons=2.8,
     riders=1.1, p_motorcycle=0.3, parked_two_wheelers=1.0, pole_spacing=(14.0, 26.0), p_tree=0.5,
-    p_terrain=0.45, p_wall=0.2, p_fence=0.3, p_hedge=0.3,
+    p_terrain=0.45, p_wall=0.2, p_fence=0.3, p_hedge=0.3, sign_shapes=(0, 3, 4), photo_surfaces=True,
 )  # fmt: skip
 
 
@@ -242,6 +267,12 @@ def _pick(rng: np.random.Generator, colours: list[tuple]) -> tuple:
     return colours[int(rng.integers(len(colours)))]
 
 
+def _colour(rng: np.random.Generator, cls: int) -> tuple[int, int, int]:
+    """One instance's colour, drawn from its class's `COLOUR_RANGES` (uniform in hue, saturation, value)."""
+    (hue, half), (s0, s1), (v0, v1) = COLOUR_RANGES[cls]
+    return _hsv_to_rgb(hue + rng.uniform(-half, half), rng.uniform(s0, s1), rng.uniform(v0, v1))
+
+
 def _ground_quad(cam: _Camera, x0: float, x1: float, d0: float, d1: float) -> list[tuple[float, float]]:
     return [cam(x0, 0, d0), cam(x1, 0, d0), cam(x1, 0, d1), cam(x0, 0, d1)]
 
@@ -280,12 +311,12 @@ class _Scene:
     def ground(self, xl: float, xr: float, sw_l: float, sw_r: float, bl: float, br: float) -> None:
         rng, cv, cam = self.rng, self.cv, self.cam
         near = cam.zoom * 0.3
-        sidewalk = _jitter(rng, GAME_PALETTE[SIDEWALK], 12)
-        road = _jitter(rng, GAME_PALETTE[ROAD], 8)
+        sidewalk = _colour(rng, SIDEWALK)
+        road = _colour(rng, ROAD)
         cv.poly([(0, cam.y_h), (cv.w, cam.y_h), (cv.w, cv.h), (0, cv.h)], SIDEWALK, sidewalk)
         cv.poly(_ground_quad(cam, xl, xr, near, FAR), ROAD, road)
         # verges between sidewalk and facades: terrain or more pavement, in segments along the street
-        terrain = _jitter(rng, GAME_PALETTE[TERRAIN], 14)
+        terrain = _colour(rng, TERRAIN)
         for x0, x1 in ((bl, xl - sw_l), (xr + sw_r, br)):
             d = near
             while d < 150:
@@ -313,7 +344,7 @@ class _Scene:
         while d < 110:
             length = rng.uniform(12, 32)
             if rng.random() > 0.12:  # else a gap (sky and whatever stands in front)
-                blocks.append((d, d + length, rng.uniform(9, 24), _jitter(rng, _pick(rng, BUILDING_COLOURS))))
+                blocks.append((d, d + length, rng.uniform(9, 24), _colour(rng, BUILDING)))
             d += length
         for d0, d1, h, colour in reversed(blocks):  # far first
             cv.poly(_facade(cam, x, 0, h, d0, d1), BUILDING, colour)
@@ -342,9 +373,9 @@ class _Scene:
                 segments.append((d, d + length, VEGETATION, rng.uniform(1.2, 2.2)))
             d += length + rng.uniform(0, 10)
         for d0, d1, cls, h in reversed(segments):
-            colour = _jitter(rng, GAME_PALETTE[cls], 14)
+            colour = _colour(rng, cls)
             cv.poly(_facade(cam, x, 0, h, d0, d1), cls, colour)
-            if cls == FENCE:  # slats, same label: a texture of the class
+            if cls == FENCE and not st.photo_surfaces:  # slats, same label: a texture of the class
                 dark = tuple(int(v * 0.6) for v in colour)
                 for dd in np.arange(d0, d1, 0.6):
                     cv.line([cam(x, 0, dd), cam(x, h, dd)], FENCE, dark, 1)
@@ -356,7 +387,7 @@ class _Scene:
     def tree(self, x: float, d: float) -> None:
         rng = self.rng
         trunk = _jitter(rng, (90, 60, 30), 10)
-        crown = _jitter(rng, GAME_PALETTE[VEGETATION], 22)
+        crown = _colour(rng, VEGETATION)
         r = rng.uniform(1.2, 2.4)
         h = rng.uniform(2.2, 3.5)
 
@@ -371,14 +402,14 @@ class _Scene:
     def pole(self, x: float, d: float, side: int) -> None:
         """A pole with a lamp arm, a traffic light or a sign."""
         rng = self.rng
-        grey = _jitter(rng, GAME_PALETTE[POLE], 10)
+        grey = _colour(rng, POLE)
         h = rng.uniform(4.0, 7.0)
         kind = rng.choice(4, p=[0.35, 0.3, 0.25, 0.1])  # lamp, light, sign, light over the road
-        sign_colour = _jitter(rng, _pick(rng, SIGN_COLOURS), 10)
-        housing = _jitter(rng, GAME_PALETTE[LIGHT], 8)
+        sign_colour = _colour(rng, SIGN)
+        housing = _colour(rng, LIGHT)
         lamp = _pick(rng, [(230, 40, 30), (250, 190, 20), (40, 220, 90)])
         sign_h = rng.uniform(2.0, 3.0)
-        shape = int(rng.integers(3))
+        shape = int(rng.choice(self.style.sign_shapes))
 
         def draw_light(xl: float, y_top: float) -> None:
             self.box(xl, y_top - 1.6, y_top, d, 0.4, LIGHT, housing, self.min_px)
@@ -413,6 +444,11 @@ class _Scene:
                     cv.ellipse(cx, cy, r, r, SIGN, sign_colour)
                 elif shape == 1:
                     cv.rect(cx - r, cy - r, cx + r, cy + r, SIGN, sign_colour)
+                elif shape == 3:  # a wide information panel
+                    cv.rect(cx - 1.6 * r, cy - 0.7 * r, cx + 1.6 * r, cy + 0.7 * r, SIGN, sign_colour)
+                elif shape == 4:
+                    cv.poly([(cx, cy - 1.2 * r), (cx + 1.2 * r, cy), (cx, cy + 1.2 * r), (cx - 1.2 * r, cy)], SIGN,
+                            sign_colour)  # fmt: skip
                 else:
                     cv.poly([(cx - r * 1.1, cy - r), (cx + r * 1.1, cy - r), (cx, cy + r)], SIGN, sign_colour)
 
@@ -423,8 +459,7 @@ class _Scene:
         rng = self.rng
         dims = {CAR: (0.9, 1.5, 4.4), TRUCK: (1.2, 3.2, 8.0), BUS: (1.25, 3.1, 12.0), TRAIN: (1.35, 3.6, 30.0)}
         half_w, height, length = dims[cls]
-        palette = {CAR: CAR_COLOURS, TRUCK: TRUCK_COLOURS, BUS: BUS_COLOURS, TRAIN: [tuple(GAME_PALETTE[TRAIN])]}
-        body = _jitter(rng, _pick(rng, palette[cls]), 12)
+        body = _colour(rng, cls)
         glass = (40, 50, 66)
         dark = (24, 24, 24)
 
@@ -473,8 +508,8 @@ class _Scene:
         """A pedestrian (or a seated rider when `seated`), facing the camera or sideways."""
         rng = self.rng
         h = rng.uniform(1.55, 1.9)
-        shirt = _jitter(rng, _pick(rng, CLOTHES), 12)
-        trousers = _jitter(rng, _pick(rng, CLOTHES), 12)
+        shirt = _colour(rng, cls)
+        trousers = _colour(rng, cls)
         skin = _pick(rng, SKIN)
 
         def draw() -> None:
@@ -501,7 +536,7 @@ class _Scene:
     def two_wheeler(self, x: float, d: float, cls: int, rider: bool) -> None:
         """A bicycle or motorcycle in side view (crossing or parked), optionally ridden."""
         rng = self.rng
-        frame = _jitter(rng, _pick(rng, TWO_WHEEL_COLOURS), 12)
+        frame = _colour(rng, cls)
         facing = 1 if rng.random() < 0.5 else -1
         wheel_r = 0.34 if cls == BICYCLE else 0.32
         base = 1.1 if cls == BICYCLE else 1.3
@@ -612,7 +647,7 @@ class _Scene:
 def _shade_fn(severity: float) -> Callable[[int, tuple], tuple[int, int, int]]:
     """Colour of a shape of class `cls`: source colours as drawn; target colours moved by `PALETTE_SHIFT` ×
     `severity` of the class's game -> photo shift (in RGB, never HSV) and desaturated."""
-    delta = PALETTE_SHIFT * CLASS_SHIFT[:, None] * (PHOTO_PALETTE - GAME_PALETTE)
+    delta = PALETTE_SHIFT * CLASS_SHIFT[:, None] * PHOTO_SHIFT
 
     def shade(cls: int, colour: tuple) -> tuple[int, int, int]:
         if severity == 0:
@@ -637,6 +672,41 @@ def _random_shade_fn(rng: np.random.Generator) -> Callable[[int, tuple], tuple[i
         return tuple(int(v) for v in np.clip(c, 0, 255))
 
     return shade
+
+
+def _class_patterns(rng: np.random.Generator, label: np.ndarray, photo: bool) -> np.ndarray:
+    """Luminance patterns that identify a class whatever its colour, ``[H, W]`` factors that multiply the image.
+
+    Game look: small paving tiles, brick courses on walls (fences carry slats, drawn with the fence), ribbed
+    trucks, fine speckle on grass and foliage. Photo look (`photo`): large paving slabs, concrete panels on
+    walls, wire mesh on fences, panelled trucks, coarser speckle: another texture for the same class, as between
+    rendered and real surfaces, which a source model must bridge by shape and place and self-training can learn.
+    Hue, grey or solarise operations keep every pattern. Drawn in image space; periods scale with the height."""
+    h, w = label.shape
+    u = max(1, round(h / 64))
+    ys, xs = np.mgrid[0:h, 0:w]
+    out = np.ones((h, w), dtype=np.float32)
+    if photo:
+        slab = 10 * u
+        out[(label == SIDEWALK) & ((ys % slab < u) | (xs % (2 * slab) < u))] *= 0.86
+        panels = (xs % (6 * u) < u) | (ys % (5 * u) < u)
+        out[(label == WALL) & panels] *= 0.8
+        mesh = ((xs + ys) % (3 * u) < u) | ((xs - ys) % (3 * u) < u)
+        out[(label == FENCE) & mesh] *= 0.62
+        out[(label == TRUCK) & (xs % (5 * u) < u)] *= 0.78
+    else:
+        tile = 6 * u
+        out[(label == SIDEWALK) & ((ys % tile < u) | (xs % tile < u))] *= 0.78
+        course, brick = 4 * u, 8 * u
+        stagger = (ys // course) % 2 * (brick // 2)
+        out[(label == WALL) & ((ys % course < u) | ((xs + stagger) % brick < u))] *= 0.74
+        out[(label == TRUCK) & (ys % (4 * u) < 2 * u)] *= 0.8
+    for cls, block, amp in ((TERRAIN, 3 if photo else 2, 0.22), (VEGETATION, 3 if photo else 2, 0.2)):
+        cells = rng.uniform(1 - amp, 1 + amp, (h // (block * u) + 1, w // (block * u) + 1)).astype(np.float32)
+        field = cells[ys // (block * u), xs // (block * u)]
+        mask = label == cls
+        out[mask] *= field[mask]
+    return out
 
 
 def _finish_source(rng: np.random.Generator, img: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -743,11 +813,12 @@ def render_scene(
     y_h = h * rng.uniform(*style.horizon)
     cam = _Camera(x_v=w / 2 + w * rng.uniform(-0.1, 0.1), y_h=y_h, f=(h - y_h) / CAMERA_HEIGHT, zoom=style.zoom)
     canvas = _Canvas(h, w, _random_shade_fn(rng) if domain == "pretrain" else _shade_fn(a))
-    sky_top = _jitter(rng, GAME_PALETTE[SKY], 10)
+    sky_top = _colour(rng, SKY)
     canvas.poly([(0, 0), (w, 0), (w, h), (0, h)], SKY, sky_top)
     _Scene(rng, style, canvas, cam).build()
-    img = np.asarray(canvas.img)
     label = np.asarray(canvas.lab).copy()
+    patterns = _class_patterns(rng, label, photo=style.photo_surfaces)
+    img = np.clip(np.asarray(canvas.img, dtype=np.float32) * patterns[..., None] + 0.5, 0, 255).astype(np.uint8)
     if domain == "target":
         img = _finish_target(rng, img, label, a, cam)
     else:  # the pretraining domain never sees the target's photo finish
@@ -796,13 +867,20 @@ def _generator_params() -> dict[str, Any]:
         "source_style": dataclasses.asdict(SOURCE_STYLE),
         "target_style": dataclasses.asdict(TARGET_STYLE),
         "game_palette": GAME_PALETTE.astype(int).tolist(),
-        "photo_palette": PHOTO_PALETTE.astype(int).tolist(),
+        "photo_shift": PHOTO_SHIFT.astype(int).tolist(),
+        "colour_ranges": [[list(r) for r in cr] for cr in COLOUR_RANGES],
         "png_compress_level": PNG_COMPRESS_LEVEL,
         "min_thin_px": f"max(3, H // {THIN_DIVISOR})",
         "class_shift": [round(float(v), 4) for v in CLASS_SHIFT],
         # every other drawing rule is code: a folder drawn by other code is another benchmark, never mixed
         "code_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
+
+
+def generator_digest() -> str:
+    """A short digest of every generator parameter and of the drawing code: what a cache of anything made from
+    generated scenes (the generic pretraining) is keyed by, so another generator never reuses it."""
+    return hashlib.sha256(json.dumps(_generator_params(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
