@@ -113,12 +113,13 @@ def test_target_differs_in_appearance_but_shares_the_layout(scenes):
 
     src, tgt = scenes["source"], scenes["target"]
     # paving turns greyer and darker, towards the road (PHOTO_SHIFT, plus haze): the sidewalk/road contrast in
-    # mean grey level falls from ≈ 59 to ≈ 33
+    # mean grey level falls (≈ 59 in the game)
     assert abs(colour(src, 1).mean() - colour(src, 0).mean()) - abs(colour(tgt, 1).mean() - colour(tgt, 0).mean()) > 15
-    # grass dries: terrain is greener than red in the game, redder than green in the photo
-    assert colour(src, 9)[0] < colour(src, 9)[1] and colour(tgt, 9)[0] > colour(tgt, 9)[1]
+    # grass dries: terrain's red-minus-green rises (by 1.5 × 40 grey levels at severity 1, before desaturation;
+    # ≈ 11 at the target's mean severity)
+    assert (colour(tgt, 9)[0] - colour(tgt, 9)[1]) - (colour(src, 9)[0] - colour(src, 9)[1]) > 6
     # sky: the photo-like sky is paler (less blue than red relative to the game sky)
-    assert (colour(src, 10)[2] - colour(src, 10)[0]) - (colour(tgt, 10)[2] - colour(tgt, 10)[0]) > 20
+    assert (colour(src, 10)[2] - colour(src, 10)[0]) - (colour(tgt, 10)[2] - colour(tgt, 10)[0]) > 12
     # target images are blurrier: smaller mean absolute horizontal gradient at the same layout statistics
     grad = {d: np.mean([np.abs(np.diff(img.astype(np.int16), axis=1)).mean() for img, _ in p])
             for d, p in scenes.items()}  # fmt: skip

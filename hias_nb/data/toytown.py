@@ -80,8 +80,8 @@ VERSION = 2
 NUM_CLASSES = 19
 SPLITS: tuple[str, ...] = ("source_train", "source_val", "target_train", "target_val")
 # Per target image, severity = lo + (hi - lo) * Beta(a, b): a mild majority and a hard tail.
-TARGET_SEVERITY: tuple[float, float] = (0.55, 1.0)
-SEVERITY_SHAPE: tuple[float, float] = (1.5, 2.5)
+TARGET_SEVERITY: tuple[float, float] = (0.0, 1.0)
+SEVERITY_SHAPE: tuple[float, float] = (1.3, 2.2)
 PALETTE_SHIFT = 1.0  # fraction of each class's game -> photo colour move made at severity 1
 # Per class, a factor on that move: as in GTA5 -> Cityscapes, some classes change their look a lot between the
 # domains (sidewalk, wall, fence, terrain, the large and two-wheeled vehicles, lights, signs), others little.
@@ -142,7 +142,7 @@ GAME_PALETTE = np.array([_hsv_to_rgb(h, sum(s) / 2, sum(v) / 2) for (h, _), s, v
 # Cityscapes, paving turns greyer and darker, grass browner, foliage duller, skies paler; classes drawn in
 # any hue are only desaturated (DESATURATION) and cast (the photo finish).
 PHOTO_SHIFT = np.zeros((19, 3), dtype=np.float32)
-PHOTO_SHIFT[1] = (-22, -22, -18)  # sidewalk: towards the road's grey
+PHOTO_SHIFT[1] = (-40, -40, -34)  # sidewalk: towards the road's grey
 PHOTO_SHIFT[8] = (10, -40, -5)  # vegetation: olive
 PHOTO_SHIFT[9] = (30, -10, -25)  # terrain: dry, brown
 PHOTO_SHIFT[10] = (40, 25, -10)  # sky: paler, hazier
@@ -177,7 +177,7 @@ class DomainStyle:
     p_fence: float
     p_hedge: float
     sign_shapes: tuple[int, ...]  # sign faces drawn: 0 disc, 1 square, 2 triangle, 3 wide panel, 4 diamond
-    photo_surfaces: bool  # the photo look of surfaces: concrete walls, mesh fences, panelled trucks (else the game's)
+    photo_surfaces: bool  # surfaces take the photo's look (concrete walls, mesh fences, ...) as far as the severity
 
 
 SOURCE_STYLE = DomainStyle(
@@ -232,9 +232,10 @@ class _Canvas:
             self.di.ellipse(box, fill=self.shade(cls, colour))
             self.dl.ellipse(box, fill=cls)
 
-    def line(self, pts: list[tuple[float, float]], cls: int, colour: tuple, width: int) -> None:
+    def line(self, pts: list[tuple[float, float]], cls: int, colour: tuple, width: int, label: bool = True) -> None:
         self.di.line(pts, fill=self.shade(cls, colour), width=width)
-        self.dl.line(pts, fill=cls, width=width)
+        if label:
+            self.dl.line(pts, fill=cls, width=width)
 
 
 @dataclass
@@ -285,8 +286,9 @@ def _facade(cam: _Camera, x: float, y0: float, y1: float, d0: float, d1: float) 
 class _Scene:
     """Samples one layout and draws it; `draws` collects depth-sorted street objects."""
 
-    def __init__(self, rng: np.random.Generator, style: DomainStyle, canvas: _Canvas, cam: _Camera):
+    def __init__(self, rng: np.random.Generator, style: DomainStyle, canvas: _Canvas, cam: _Camera, photo: float):
         self.rng, self.style, self.cv, self.cam = rng, style, canvas, cam
+        self.photo = photo  # how far surfaces have their photo look: 0 the game's, 1 the photo's
         self.min_px = max(3, canvas.h // THIN_DIVISOR)  # thinnest a pole-like object may be drawn
         self.draws: list[tuple[float, Callable[[], None]]] = []
 
@@ -351,6 +353,9 @@ class _Scene:
             window = tuple(int(v * 0.45) for v in colour)
             if rng.random() < 0.5:
                 window = (60, 80, 110)
+            mirrors = rng.random() < 0.6 * self.photo  # one draw in both looks: the layout does not depend on it
+            if mirrors:  # photo: glass that mirrors the sky, lighter than the wall
+                window = tuple(int(min(255, 0.4 * v + 140)) for v in colour)
             floor = rng.uniform(2.8, 3.6)
             bay = rng.uniform(2.4, 4.0)
             for y in np.arange(1.2 if rng.random() < 0.5 else floor, h - 1.5, floor):
@@ -375,10 +380,10 @@ class _Scene:
         for d0, d1, cls, h in reversed(segments):
             colour = _colour(rng, cls)
             cv.poly(_facade(cam, x, 0, h, d0, d1), cls, colour)
-            if cls == FENCE and not st.photo_surfaces:  # slats, same label: a texture of the class
-                dark = tuple(int(v * 0.6) for v in colour)
+            if cls == FENCE:  # slats, same label: the game's texture of the class, fading with the photo look
+                dark = tuple(int(v * (0.6 + 0.4 * self.photo)) for v in colour)
                 for dd in np.arange(d0, d1, 0.6):
-                    cv.line([cam(x, 0, dd), cam(x, h, dd)], FENCE, dark, 1)
+                    cv.line([cam(x, 0, dd), cam(x, h, dd)], FENCE, dark, 1, label=False)  # the look, not the shape
             elif cls == WALL and rng.random() < 0.5:
                 top = tuple(int(min(255, v * 1.2)) for v in colour)
                 cv.poly(_facade(cam, x, h - 0.15, h, d0, d1), WALL, top)
@@ -476,6 +481,10 @@ class _Scene:
                 else:
                     cv.poly(_facade(cam, xs, height * 0.55, height * 0.85, d + 0.5, d + length - 0.5), cls,
                             glass if cls != TRUCK else tuple(int(v * 0.8) for v in body))  # fmt: skip
+                    if cls in (BUS, TRAIN) and self.photo > 0:  # photo: separate panes between pillars
+                        pillar = tuple(int(g + (c - g) * self.photo) for g, c in zip(glass, body, strict=True))
+                        for dp in np.arange(d + 1.5, d + length - 0.5, 1.6):
+                            cv.poly(_facade(cam, xs, height * 0.55, height * 0.85, dp, dp + 0.35), cls, pillar)
                 for dw in (0.9, length - 0.9) if cls != TRAIN else (2.0, 4.0, length - 4.0, length - 2.0):
                     cx, cy = cam(xs, 0.35, d + dw)
                     r = max(1.0, 0.38 * cam.ppm(d + dw))
@@ -674,39 +683,38 @@ def _random_shade_fn(rng: np.random.Generator) -> Callable[[int, tuple], tuple[i
     return shade
 
 
-def _class_patterns(rng: np.random.Generator, label: np.ndarray, photo: bool) -> np.ndarray:
+def _class_patterns(rng: np.random.Generator, label: np.ndarray, photo: float) -> np.ndarray:
     """Luminance patterns that identify a class whatever its colour, ``[H, W]`` factors that multiply the image.
 
     Game look: small paving tiles, brick courses on walls (fences carry slats, drawn with the fence), ribbed
-    trucks, fine speckle on grass and foliage. Photo look (`photo`): large paving slabs, concrete panels on
-    walls, wire mesh on fences, panelled trucks, coarser speckle: another texture for the same class, as between
-    rendered and real surfaces, which a source model must bridge by shape and place and self-training can learn.
+    trucks, fine speckle on grass and foliage. Photo look: large paving slabs, concrete panels on walls, wire
+    mesh on fences, panelled trucks, patched asphalt, coarser speckle: another texture for the same class, as
+    between rendered and real surfaces. `photo` in [0, 1] blends the two geometrically (0: the game's, 1: the
+    photo's), so a target of graded severity holds every step between them, which self-training can walk.
     Hue, grey or solarise operations keep every pattern. Drawn in image space; periods scale with the height."""
     h, w = label.shape
     u = max(1, round(h / 64))
     ys, xs = np.mgrid[0:h, 0:w]
-    out = np.ones((h, w), dtype=np.float32)
-    if photo:
-        slab = 10 * u
-        out[(label == SIDEWALK) & ((ys % slab < u) | (xs % (2 * slab) < u))] *= 0.86
-        panels = (xs % (6 * u) < u) | (ys % (5 * u) < u)
-        out[(label == WALL) & panels] *= 0.8
-        mesh = ((xs + ys) % (3 * u) < u) | ((xs - ys) % (3 * u) < u)
-        out[(label == FENCE) & mesh] *= 0.62
-        out[(label == TRUCK) & (xs % (5 * u) < u)] *= 0.78
-    else:
-        tile = 6 * u
-        out[(label == SIDEWALK) & ((ys % tile < u) | (xs % tile < u))] *= 0.78
-        course, brick = 4 * u, 8 * u
-        stagger = (ys // course) % 2 * (brick // 2)
-        out[(label == WALL) & ((ys % course < u) | ((xs + stagger) % brick < u))] *= 0.74
-        out[(label == TRUCK) & (ys % (4 * u) < 2 * u)] *= 0.8
-    for cls, block, amp in ((TERRAIN, 3 if photo else 2, 0.22), (VEGETATION, 3 if photo else 2, 0.2)):
-        cells = rng.uniform(1 - amp, 1 + amp, (h // (block * u) + 1, w // (block * u) + 1)).astype(np.float32)
-        field = cells[ys // (block * u), xs // (block * u)]
+    game = np.ones((h, w), dtype=np.float32)
+    game[(label == SIDEWALK) & ((ys % (6 * u) < u) | (xs % (6 * u) < u))] = 0.78
+    course, brick = 4 * u, 8 * u
+    stagger = (ys // course) % 2 * (brick // 2)
+    game[(label == WALL) & ((ys % course < u) | ((xs + stagger) % brick < u))] = 0.74
+    game[(label == TRUCK) & (ys % (4 * u) < 2 * u)] = 0.8
+    real = np.ones((h, w), dtype=np.float32)
+    real[(label == SIDEWALK) & ((ys % (10 * u) < u) | (xs % (20 * u) < u))] = 0.86
+    real[(label == WALL) & ((xs % (6 * u) < u) | (ys % (5 * u) < u))] = 0.8
+    real[(label == FENCE) & (((xs + ys) % (3 * u) < u) | ((xs - ys) % (3 * u) < u))] = 0.62
+    real[(label == TRUCK) & (xs % (5 * u) < u)] = 0.78
+    patches = rng.uniform(0.85, 1.15, (h // (6 * u) + 1, w // (6 * u) + 1)).astype(np.float32)
+    road = label == ROAD  # repaired asphalt: patches of another grey
+    real[road] = patches[ys // (6 * u), xs // (6 * u)][road]
+    for cls, amp in ((TERRAIN, 0.22), (VEGETATION, 0.2)):  # speckle: fine in the game, coarse in the photo
         mask = label == cls
-        out[mask] *= field[mask]
-    return out
+        for out, block in ((game, 2 * u), (real, 3 * u)):
+            cells = rng.uniform(1 - amp, 1 + amp, (h // block + 1, w // block + 1)).astype(np.float32)
+            out[mask] = cells[ys // block, xs // block][mask]
+    return game ** (1.0 - photo) * real**photo
 
 
 def _finish_source(rng: np.random.Generator, img: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -815,9 +823,12 @@ def render_scene(
     canvas = _Canvas(h, w, _random_shade_fn(rng) if domain == "pretrain" else _shade_fn(a))
     sky_top = _colour(rng, SKY)
     canvas.poly([(0, 0), (w, 0), (w, h), (0, h)], SKY, sky_top)
-    _Scene(rng, style, canvas, cam).build()
+    # surfaces take the photo's look as far as the image's severity: mild images keep (nearly) the game's, so a
+    # source model meets every class in looks it knows and in every step towards the photo's
+    photo = a if style.photo_surfaces else 0.0
+    _Scene(rng, style, canvas, cam, photo).build()
     label = np.asarray(canvas.lab).copy()
-    patterns = _class_patterns(rng, label, photo=style.photo_surfaces)
+    patterns = _class_patterns(rng, label, photo=photo)
     img = np.clip(np.asarray(canvas.img, dtype=np.float32) * patterns[..., None] + 0.5, 0, 255).astype(np.uint8)
     if domain == "target":
         img = _finish_target(rng, img, label, a, cam)
