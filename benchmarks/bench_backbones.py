@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from hias_nb.models import DeepLabV2
-from hias_nb.runner import autocast_context
+from hias_nb.runner import autocast_context, resolve_amp
 
 CANDIDATES = ("resnet10t", "resnet14t", "resnet18", "regnetx_002", "regnety_002", "mobilenetv3_large_100",
               "efficientnet_lite0", "lcnet_100")  # fmt: skip
@@ -55,7 +55,11 @@ def main() -> None:
                     help="autocast precision (bf16 is fast only with native bf16)")  # fmt: skip
     ap.add_argument("--backbones", nargs="+", default=list(CANDIDATES))
     args = ap.parse_args()
-    print(f"threads {torch.get_num_threads()}, size {args.size[0]}x{args.size[1]}, batch {args.batch}, amp {args.amp}")
+    precision = resolve_amp("cpu", args.amp)  # what autocast actually runs in on this machine
+    print(
+        f"threads {torch.get_num_threads()}, size {args.size[0]}x{args.size[1]}, batch {args.batch}, "
+        f"amp {args.amp} (runs in {precision})"
+    )
     base = None
     for name in args.backbones:
         try:

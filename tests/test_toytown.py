@@ -113,7 +113,7 @@ def test_target_differs_in_appearance_but_shares_the_layout(scenes):
 
     src, tgt = scenes["source"], scenes["target"]
     # paving turns greyer and darker, towards the road (PHOTO_SHIFT, plus haze): the sidewalk/road contrast in
-    # mean grey level falls (≈ 59 in the game)
+    # mean grey level falls (≈ 54 in the game, by ≈ 20)
     assert abs(colour(src, 1).mean() - colour(src, 0).mean()) - abs(colour(tgt, 1).mean() - colour(tgt, 0).mean()) > 15
     # grass dries: terrain's red-minus-green rises (by 1.5 × 40 grey levels at severity 1, before desaturation;
     # ≈ 11 at the target's mean severity)
@@ -134,13 +134,32 @@ def test_target_differs_in_appearance_but_shares_the_layout(scenes):
 
 def test_colour_does_not_tell_the_classes_drawn_in_any_hue(scenes):
     # walls, fences, signs and vehicles come in any colour, as on photographs: a nearest-mean colour classifier
-    # over their source pixels is near chance (1/8); with v2's earlier per-class palettes it scored 0.38
+    # over the source pixels of these 8 classes recalls ≈ 0.19 of them (chance 1/8); v2's earlier per-class
+    # palettes scored 0.38
     classes = (3, 4, 7, 13, 14, 15, 17, 18)
     pixels = {c: np.concatenate([img[label == c] for img, label in scenes["source"]]).astype(np.float64)
               for c in classes}  # fmt: skip
     means = np.stack([pixels[c].mean(0) for c in classes])
     recall = [(((pixels[c][:, None] - means[None]) ** 2).sum(-1).argmin(1) == i).mean() for i, c in enumerate(classes)]
-    assert np.mean(recall) < 0.25
+    assert np.mean(recall) < 0.22
+
+
+def test_the_pretraining_domain_never_takes_the_targets_look(monkeypatch):
+    # the pretraining domain draws either domain's layout statistics but never the target's sign faces or
+    # surfaces: changing those fields of TARGET_STYLE leaves every pretraining image as it was
+    import dataclasses
+
+    from hias_nb.data import toytown
+
+    before = [render_scene(np.random.default_rng(i), "pretrain") for i in range(8)]
+    monkeypatch.setattr(toytown, "TARGET_STYLE", dataclasses.replace(toytown.TARGET_STYLE, sign_shapes=(4,)))
+    after = [render_scene(np.random.default_rng(i), "pretrain") for i in range(8)]
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(before, after, strict=True))
+    # ... while the target does use them (the test can fail)
+    t_before = [render_scene(np.random.default_rng(i), "target", severity=0.5)[0] for i in range(8)]
+    monkeypatch.setattr(toytown, "TARGET_STYLE", dataclasses.replace(toytown.TARGET_STYLE, sign_shapes=(3,)))
+    t_after = [render_scene(np.random.default_rng(i), "target", severity=0.5)[0] for i in range(8)]
+    assert not all(np.array_equal(a, b) for a, b in zip(t_before, t_after, strict=True))
 
 
 def test_severity_is_drawn_per_target_image_and_scales_the_shift():

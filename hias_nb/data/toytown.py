@@ -11,20 +11,20 @@ signs, cars/trucks/buses on lanes, sometimes a tram, persons, riders on bicycles
 two-wheelers, all with the 19 Cityscapes train ids (`hias_nb.classes.CITYSCAPES_CLASSES`).
 
 Colours: walls, fences, buildings, signs, clothes and every vehicle are drawn in any hue (`COLOUR_RANGES`), so
-colour does not tell those classes apart, as on photographs; road, paving, vegetation, terrain and sky keep a
-natural range. Each class also carries a luminance pattern (paving joints, bricks, ribbing, speckle) that
-colour operations keep.
+colour does not tell those classes apart, as on photographs; paving is light and nearly grey (any tint), and road,
+vegetation, terrain and sky keep a natural range. Paving, walls, fences, trucks, terrain, foliage (and, in the
+photo look, the road) carry luminance patterns (`_class_patterns`) that colour operations keep.
 
 Two domains:
 - **source** (game-like): sharp edges, faint textures, the game's surface patterns (small tiles, brick walls,
   slatted fences, ribbed trucks) and sign faces (disc, square, triangle);
-- **target** (photo-like): the photo's surface patterns (large slabs, concrete panels, wire-mesh fences,
-  panelled trucks) and sign faces (disc, wide panel, diamond); natural colours moved (paving greyer, grass
-  drier, foliage duller, sky paler), desaturation, stronger and coarser noise textures, a cast shadow, haze, a
-  lighting gradient, gamma/contrast, a colour cast, blur and sensor noise; a slightly different camera (narrower
-  field of view, so objects look larger) and different object frequencies (more pedestrians and two-wheelers,
-  fewer trucks). The photometric shift's strength (`severity`) is drawn per target image (`draw_severity`), so
-  the target is heterogeneous.
+- **target** (photo-like): surfaces blended from the game's towards the photo's patterns (large slabs, concrete
+  panels, wire-mesh fences, panelled trucks, patched asphalt) as far as the image's severity; sign faces disc,
+  wide panel, diamond; natural colours moved (paving greyer, grass drier, foliage duller, sky paler),
+  desaturation, stronger and coarser noise textures, a cast shadow, haze, a lighting gradient, gamma/contrast, a
+  colour cast, blur and sensor noise; a slightly different camera (narrower field of view, so objects look
+  larger) and different object frequencies (more pedestrians and two-wheelers, fewer trucks). The severity is
+  drawn per target image (`draw_severity`: a mild majority and a hard tail), so the target is heterogeneous.
 
 Thin and small classes (pole, traffic light, traffic sign, person, rider, motorcycle, bicycle) are rare, as in
 real street data, but never thinner than `max(3, H // THIN_DIVISOR)` pixels, so they stay learnable.
@@ -82,9 +82,9 @@ SPLITS: tuple[str, ...] = ("source_train", "source_val", "target_train", "target
 # Per target image, severity = lo + (hi - lo) * Beta(a, b): a mild majority and a hard tail.
 TARGET_SEVERITY: tuple[float, float] = (0.0, 1.0)
 SEVERITY_SHAPE: tuple[float, float] = (1.3, 2.2)
-PALETTE_SHIFT = 1.0  # fraction of each class's game -> photo colour move made at severity 1
-# Per class, a factor on that move: as in GTA5 -> Cityscapes, some classes change their look a lot between the
-# domains (sidewalk, wall, fence, terrain, the large and two-wheeled vehicles, lights, signs), others little.
+PALETTE_SHIFT = 1.0  # fraction of each class's game -> photo colour move (PHOTO_SHIFT) made at severity 1
+# Per class, a factor on that move. Only the classes with a natural colour range have one (PHOTO_SHIFT is zero for
+# the rest, which are drawn in any hue): sidewalk and terrain move a lot (×1.5), vegetation and sky less (×0.6).
 CLASS_SHIFT = np.array(
     [0.5, 1.5, 0.6, 1.5, 1.5, 1.0, 1.3, 1.3, 0.6, 1.5, 0.6, 0.6, 1.0, 0.6, 1.5, 1.5, 1.5, 1.5, 1.5], dtype=np.float32
 )
@@ -136,7 +136,7 @@ def _hsv_to_rgb(hue_deg: float, sat: float, val: float) -> tuple[int, int, int]:
 
 
 # A class's central colour: what the pretraining domain scales its random colours against (windows stay darker
-# than their facade) and what the target's shift starts from.
+# than their facade).
 GAME_PALETTE = np.array([_hsv_to_rgb(h, sum(s) / 2, sum(v) / 2) for (h, _), s, v in COLOUR_RANGES], dtype=np.float32)
 # Per class, the move (RGB, at severity 1, before CLASS_SHIFT) of the target's colours: as in GTA5 ->
 # Cityscapes, paving turns greyer and darker, grass browner, foliage duller, skies paler; classes drawn in
@@ -158,7 +158,8 @@ TARGET_COARSE = np.array([10, 8, 12, 8, 8, 4, 4, 4, 16, 14, 8, 4, 4, 6, 6, 6, 6,
 
 @dataclass(frozen=True)
 class DomainStyle:
-    """Layout and object statistics of one domain (the layout *distribution* is shared, its rates differ)."""
+    """Layout and object statistics of one domain (the layout *distribution* is shared, its rates differ), and
+    the look of its sign faces and surfaces."""
 
     horizon: tuple[float, float]  # horizon row as a fraction of H, drawn uniformly
     zoom: float  # near-ground depth in metres at the bottom row: larger = narrower view, bigger objects
@@ -382,8 +383,8 @@ class _Scene:
             cv.poly(_facade(cam, x, 0, h, d0, d1), cls, colour)
             if cls == FENCE:  # slats, same label: the game's texture of the class, fading with the photo look
                 dark = tuple(int(v * (0.6 + 0.4 * self.photo)) for v in colour)
-                for dd in np.arange(d0, d1, 0.6):
-                    cv.line([cam(x, 0, dd), cam(x, h, dd)], FENCE, dark, 1, label=False)  # the look, not the shape
+                for dd in np.arange(d0 + 0.3, d1 - 0.2, 0.6):  # inset: a slat never paints outside its fence
+                    cv.line([cam(x, 0.15, dd), cam(x, h - 0.15, dd)], FENCE, dark, 1, label=False)  # look, not shape
             elif cls == WALL and rng.random() < 0.5:
                 top = tuple(int(min(255, v * 1.2)) for v in colour)
                 cv.poly(_facade(cam, x, h - 0.15, h, d0, d1), WALL, top)
@@ -818,6 +819,8 @@ def render_scene(
         style = TARGET_STYLE
     else:  # a third look for generic pretraining: random class colours, flat like the game
         a, style = 0.0, SOURCE_STYLE if rng.random() < 0.5 else TARGET_STYLE
+        # either domain's layout statistics, never the target's look (its sign faces and surfaces)
+        style = dataclasses.replace(style, sign_shapes=SOURCE_STYLE.sign_shapes, photo_surfaces=False)
     y_h = h * rng.uniform(*style.horizon)
     cam = _Camera(x_v=w / 2 + w * rng.uniform(-0.1, 0.1), y_h=y_h, f=(h - y_h) / CAMERA_HEIGHT, zoom=style.zoom)
     canvas = _Canvas(h, w, _random_shade_fn(rng) if domain == "pretrain" else _shade_fn(a))
