@@ -115,7 +115,7 @@ def test_target_differs_in_appearance_but_shares_the_layout(scenes):
     # paving turns greyer and darker, towards the road (PHOTO_SHIFT, plus haze): the sidewalk/road contrast in
     # mean grey level falls (≈ 54 in the game, by ≈ 20)
     assert abs(colour(src, 1).mean() - colour(src, 0).mean()) - abs(colour(tgt, 1).mean() - colour(tgt, 0).mean()) > 15
-    # grass dries: terrain's red-minus-green rises (by 1.5 × 40 grey levels at severity 1, before desaturation;
+    # grass dries: terrain's red-minus-green rises (by 60 grey levels at severity 1, PHOTO_SHIFT, before desaturation;
     # ≈ 11 at the target's mean severity)
     assert (colour(tgt, 9)[0] - colour(tgt, 9)[1]) - (colour(src, 9)[0] - colour(src, 9)[1]) > 6
     # sky: the photo-like sky is paler (less blue than red relative to the game sky)
@@ -256,7 +256,7 @@ def test_a_folder_of_another_version_is_refused_by_name(tmp_path):
     assert _files(out) == before  # nothing overwritten
 
 
-@pytest.mark.parametrize(("key", "value"), [("class_shift", [1.0] * 19), ("code_sha256", "0" * 64)])
+@pytest.mark.parametrize(("key", "value"), [("photo_shift", [[0.0] * 3] * 19), ("code_sha256", "0" * 64)])
 def test_a_folder_drawn_by_another_generator_of_the_same_version_is_refused(tmp_path, key, value):
     """Same version, seed, size and count, but other drawing constants or other drawing code: refused by the
     key that differs, never reused as if it were this benchmark; the same generator's folder is reused as is."""

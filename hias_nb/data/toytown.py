@@ -83,11 +83,6 @@ SPLITS: tuple[str, ...] = ("source_train", "source_val", "target_train", "target
 TARGET_SEVERITY: tuple[float, float] = (0.0, 1.0)
 SEVERITY_SHAPE: tuple[float, float] = (1.3, 2.2)
 PALETTE_SHIFT = 1.0  # fraction of each class's game -> photo colour move (PHOTO_SHIFT) made at severity 1
-# Per class, a factor on that move. Only the classes with a natural colour range have one (PHOTO_SHIFT is zero for
-# the rest, which are drawn in any hue): sidewalk and terrain move a lot (×1.5), vegetation and sky less (×0.6).
-CLASS_SHIFT = np.array(
-    [0.5, 1.5, 0.6, 1.5, 1.5, 1.0, 1.3, 1.3, 0.6, 1.5, 0.6, 0.6, 1.0, 0.6, 1.5, 1.5, 1.5, 1.5, 1.5], dtype=np.float32
-)
 DESATURATION = 0.4  # photo colours lose this fraction of their saturation at severity 1
 THIN_DIVISOR = 14  # thin objects are at least max(3, H // THIN_DIVISOR) pixels wide
 SHADOW_DARKENING = 0.45  # a cast shadow darkens the ground by up to this fraction (target only)
@@ -113,8 +108,8 @@ COLOUR_RANGES: list[tuple[tuple[float, float], tuple[float, float], tuple[float,
     (ANY_HUE, (0.05, 0.45), (0.35, 0.82)),  # building
     (ANY_HUE, (0.0, 0.5), (0.3, 0.9)),  # wall
     (ANY_HUE, (0.0, 0.6), (0.25, 0.8)),  # fence
-    ((220.0, 180.0), (0.0, 0.12), (0.2, 0.55)),  # pole: grey metal
-    ((0.0, 180.0), (0.0, 0.12), (0.08, 0.25)),  # traffic light: dark housing
+    (ANY_HUE, (0.0, 0.12), (0.2, 0.55)),  # pole: grey metal, any faint tint
+    (ANY_HUE, (0.0, 0.12), (0.08, 0.25)),  # traffic light: dark housing
     (ANY_HUE, (0.4, 1.0), (0.55, 1.0)),  # traffic sign
     ((110.0, 25.0), (0.4, 0.8), (0.25, 0.6)),  # vegetation
     ((75.0, 35.0), (0.3, 0.65), (0.4, 0.75)),  # terrain: grass to dry earth
@@ -138,14 +133,14 @@ def _hsv_to_rgb(hue_deg: float, sat: float, val: float) -> tuple[int, int, int]:
 # A class's central colour: what the pretraining domain scales its random colours against (windows stay darker
 # than their facade).
 GAME_PALETTE = np.array([_hsv_to_rgb(h, sum(s) / 2, sum(v) / 2) for (h, _), s, v in COLOUR_RANGES], dtype=np.float32)
-# Per class, the move (RGB, at severity 1, before CLASS_SHIFT) of the target's colours: as in GTA5 ->
-# Cityscapes, paving turns greyer and darker, grass browner, foliage duller, skies paler; classes drawn in
-# any hue are only desaturated (DESATURATION) and cast (the photo finish).
-PHOTO_SHIFT = np.zeros((19, 3), dtype=np.float32)
-PHOTO_SHIFT[1] = (-40, -40, -34)  # sidewalk: towards the road's grey
-PHOTO_SHIFT[8] = (10, -40, -5)  # vegetation: olive
-PHOTO_SHIFT[9] = (30, -10, -25)  # terrain: dry, brown
-PHOTO_SHIFT[10] = (40, 25, -10)  # sky: paler, hazier
+# Per class, the move (RGB, at severity 1) of the target's colours: as in GTA5 -> Cityscapes, paving turns
+# greyer and darker and grass drier (large moves), foliage duller and skies paler (smaller ones); classes drawn
+# in any hue are only desaturated (DESATURATION) and cast (the photo finish).
+PHOTO_SHIFT = np.zeros((NUM_CLASSES, 3), dtype=np.float32)
+PHOTO_SHIFT[SIDEWALK] = (-60, -60, -51)  # towards the road's grey
+PHOTO_SHIFT[VEGETATION] = (6, -24, -3)  # olive
+PHOTO_SHIFT[TERRAIN] = (45, -15, -37.5)  # dry, brown
+PHOTO_SHIFT[SKY] = (24, 15, -6)  # paler, hazier
 
 SKIN = [(236, 190, 150), (190, 140, 100), (120, 80, 55)]
 
@@ -657,7 +652,7 @@ class _Scene:
 def _shade_fn(severity: float) -> Callable[[int, tuple], tuple[int, int, int]]:
     """Colour of a shape of class `cls`: source colours as drawn; target colours moved by `PALETTE_SHIFT` ×
     `severity` of the class's game -> photo shift (in RGB, never HSV) and desaturated."""
-    delta = PALETTE_SHIFT * CLASS_SHIFT[:, None] * PHOTO_SHIFT
+    delta = PALETTE_SHIFT * PHOTO_SHIFT
 
     def shade(cls: int, colour: tuple) -> tuple[int, int, int]:
         if severity == 0:
@@ -881,11 +876,10 @@ def _generator_params() -> dict[str, Any]:
         "source_style": dataclasses.asdict(SOURCE_STYLE),
         "target_style": dataclasses.asdict(TARGET_STYLE),
         "game_palette": GAME_PALETTE.astype(int).tolist(),
-        "photo_shift": PHOTO_SHIFT.astype(int).tolist(),
+        "photo_shift": PHOTO_SHIFT.round(2).tolist(),
         "colour_ranges": [[list(r) for r in cr] for cr in COLOUR_RANGES],
         "png_compress_level": PNG_COMPRESS_LEVEL,
         "min_thin_px": f"max(3, H // {THIN_DIVISOR})",
-        "class_shift": [round(float(v), 4) for v in CLASS_SHIFT],
         # every other drawing rule is code: a folder drawn by other code is another benchmark, never mixed
         "code_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
