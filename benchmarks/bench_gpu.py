@@ -5,6 +5,7 @@ as a ratio to fp32 eager.
 
     python benchmarks/bench_gpu.py                       # on a GPU: the paper's sizes
     python benchmarks/bench_gpu.py --device cpu          # no GPU: a small size (64×128, batch 2, resnet18)
+    python benchmarks/bench_gpu.py --amps bf16 --compile # fp32 eager and the four bf16 variants only
 
 Without a GPU the figures say nothing about GPU speed; they only show that every variant runs.
 """
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="include torch.compile variants (default: on CUDA only)")  # fmt: skip
+    ap.add_argument("--amps", nargs="+", choices=("off", "bf16", "fp16"), default=["off", "bf16", "fp16"],
+                    help="precisions to time (fp32 eager is always timed: the ratios' base)")  # fmt: skip
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
     args.backbone = "resnet101" if gpu else "resnet18"
@@ -87,7 +90,7 @@ def main() -> None:
     args.pseudo_size = (768, 1536) if gpu else (96, 192)
     args.repeats = args.repeats or (10 if gpu else 3)
     compiled = (False, True) if (gpu if args.compile is None else args.compile) else (False,)
-    amps = ("off", "bf16", "fp16")
+    amps = ["off"] + [a for a in args.amps if a != "off"]
     print(f"device {args.device} ({torch.cuda.get_device_name() if gpu else 'CPU'}), {args.backbone}, "
           f"step {args.size[0]}×{args.size[1]} batch {args.batch}, pseudo-labels {args.pseudo_size}, "
           f"median of {args.repeats}")  # fmt: skip
@@ -95,6 +98,8 @@ def main() -> None:
     for amp in amps:
         for cl in (False, True):
             for comp in compiled:
+                if amp == "off" and (cl or comp) and "off" not in args.amps:
+                    continue  # only the base
                 name = f"{'fp32' if amp == 'off' else amp}{' channels_last' if cl else ''}{' compile' if comp else ''}"
                 rows[name] = variant(args, args.device, amp, cl, comp)
                 r = rows[name]
