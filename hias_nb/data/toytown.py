@@ -82,7 +82,6 @@ SPLITS: tuple[str, ...] = ("source_train", "source_val", "target_train", "target
 # Per target image, severity = lo + (hi - lo) * Beta(a, b): a mild majority and a hard tail.
 TARGET_SEVERITY: tuple[float, float] = (0.0, 1.0)
 SEVERITY_SHAPE: tuple[float, float] = (1.3, 2.2)
-PALETTE_SHIFT = 1.0  # fraction of each class's game -> photo colour move (PHOTO_SHIFT) made at severity 1
 DESATURATION = 0.4  # photo colours lose this fraction of their saturation at severity 1
 THIN_DIVISOR = 14  # thin objects are at least max(3, H // THIN_DIVISOR) pixels wide
 SHADOW_DARKENING = 0.45  # a cast shadow darkens the ground by up to this fraction (target only)
@@ -650,14 +649,13 @@ class _Scene:
 
 
 def _shade_fn(severity: float) -> Callable[[int, tuple], tuple[int, int, int]]:
-    """Colour of a shape of class `cls`: source colours as drawn; target colours moved by `PALETTE_SHIFT` ×
-    `severity` of the class's game -> photo shift (in RGB, never HSV) and desaturated."""
-    delta = PALETTE_SHIFT * PHOTO_SHIFT
+    """Colour of a shape of class `cls`: source colours as drawn; target colours moved by `severity` × the
+    class's game -> photo shift (`PHOTO_SHIFT`, in RGB, never HSV) and desaturated."""
 
     def shade(cls: int, colour: tuple) -> tuple[int, int, int]:
         if severity == 0:
             return tuple(int(v) for v in colour)
-        c = np.asarray(colour, dtype=np.float32) + severity * delta[cls]
+        c = np.asarray(colour, dtype=np.float32) + severity * PHOTO_SHIFT[cls]
         grey = c.mean()
         c = grey + (c - grey) * (1.0 - DESATURATION * severity)
         return tuple(int(v) for v in np.clip(c, 0, 255))
@@ -870,7 +868,6 @@ def _generator_params() -> dict[str, Any]:
         "camera_height_m": CAMERA_HEIGHT,
         "target_severity": list(TARGET_SEVERITY),
         "severity_shape": list(SEVERITY_SHAPE),
-        "palette_shift": PALETTE_SHIFT,
         "desaturation": DESATURATION,
         "shadow_darkening": SHADOW_DARKENING,
         "source_style": dataclasses.asdict(SOURCE_STYLE),
