@@ -1,0 +1,125 @@
+"""The kept-pixel test of a toytown design: what do the pixels IAS keeps teach, and what do its errors cost?
+
+    python benchmarks/round_labels.py --demo runs/demo [--labels pseudo true_kept eroded] [--rounds 2]
+        [--erode 2] [--device cpu]
+
+From a finished demo's warm-up model (``DEMO/warmup/model_final.pt``), runs the demo's own self-training rounds
+(its resolved ``config.yaml``: pseudo-label and round settings, round k's learning rate, seeds) once per label set:
+
+- ``pseudo``: the pseudo-labels as IAS made them (the demo's rounds);
+- ``true_kept``: every kept pixel's label replaced by its true label (the kept region as IAS chose it from the
+  model's own predictions, round by round; nothing else changes);
+- ``eroded``: every kept region eroded by ``--erode`` px (a kept pixel is dropped when another label, or ignore,
+  lies within that many pixels): the pseudo-labels without their boundary pixels.
+
+Round k+1's pseudo-labels come from round k's teacher and its student continues from round k's student, as in the
+demo. Prints the teacher's target-val mIoU after each round and the share of kept pixels the edit changed; writes
+into ``DEMO/round_labels/<labels>/round_<k>/`` (resumable: finished rounds are reused).
+
+On photographs the kept pixels teach the target look of a class to its unconfident pixels, so ``true_kept`` gains
+over the warm-up; a toytown on which it does not gain cannot show what self-training does (docs/toytown.md, "Why
+the rounds lose").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hias_nb.data import SegDataset
+from hias_nb.demo import demo_config, stage_configs
+from hias_nb.evaluate import evaluate_stage
+from hias_nb.io import write_png
+from hias_nb.pseudo_label import generate_pseudo_labels
+from hias_nb.runs import resolve_device
+from hias_nb.self_train import self_train
+from hias_nb.train import load_model
+
+IGNORE = 255
+
+
+def erode(label: np.ndarray, r: int) -> np.ndarray:
+    """``[H,W]`` uint8 pseudo-label with every pixel that has another value within `r` px (Chebyshev) ignored."""
+    x = torch.from_numpy(label).float()[None, None]
+    hi = F.max_pool2d(x, 2 * r + 1, 1, r)
+    lo = -F.max_pool2d(-x, 2 * r + 1, 1, r)
+    out = label.copy()
+    out[((hi != x) | (lo != x))[0, 0].numpy()] = IGNORE
+    return out
+
+
+def edited_labels(src: Path, dst: Path, mode: str, r: int, truth: dict[str, np.ndarray]) -> float:
+    """Copy the pseudo-label folder `src` to `dst` with its labels edited by `mode`; returns the share of kept
+    pixels whose label changed (``true_kept``) or that were dropped (``eroded``)."""
+    if (dst / "summary.json").exists():
+        return float("nan")
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("labels"))
+    (tmp / "labels").mkdir()
+    kept = changed = 0
+    for f in sorted((src / "labels").glob("*.png")):
+        pl = np.array(Image.open(f))
+        m = pl != IGNORE
+        out = np.where(m, truth[f.stem], IGNORE).astype(np.uint8) if mode == "true_kept" else erode(pl, r)
+        kept += int(m.sum())
+        changed += int((out[m] != pl[m]).sum())
+        write_png(tmp / "labels" / f.name, out)
+    tmp.rename(dst)
+    return changed / max(kept, 1)
+
+
+def run(demo: Path, modes: list[str], rounds: int, r: int, device: str) -> None:
+    cfg = demo_config(path=demo / "config.yaml", overrides={"out": str(demo), "rounds": rounds, "device": device})
+    plan = stage_configs(cfg, device)
+    val = SegDataset("toytown", cfg.data_root, "target_val")
+    train = SegDataset("toytown", cfg.data_root, "target_train")
+    truth = {}
+    if "true_kept" in modes:
+        for i in range(len(train)):
+            item = train[i]
+            truth[item["name"]] = item["label"].numpy().astype(np.uint8)
+    warm = demo / "warmup" / "model_final.pt"
+    base = evaluate_stage(demo / "warmup" / "eval.json", "warmup", load_model(warm, device), val, device)
+    print(f"warm-up {base['miou']:.1f}")
+    for mode in modes:
+        out = demo / "round_labels" / mode
+        generator = student = warm
+        for k in range(1, rounds + 1):
+            rdir = out / f"round_{k}"
+            raw = generate_pseudo_labels(dataclasses.replace(
+                plan[f"round_{k}/pseudo"], out=str(rdir / "pseudo_raw"), checkpoint=str(generator)))  # fmt: skip
+            pseudo, share = raw, 0.0
+            if mode != "pseudo":
+                pseudo = rdir / "pseudo"
+                share = edited_labels(raw, pseudo, mode, r, truth)
+            run_dir = self_train(dataclasses.replace(
+                plan[f"round_{k}/train"], out=str(rdir / "train"), pseudo_dir=str(pseudo),
+                init_checkpoint=str(student)))  # fmt: skip
+            generator, student = run_dir / "teacher_final.pt", run_dir / "student_final.pt"
+            entry = evaluate_stage(rdir / "eval_teacher.json", f"{mode} round {k}", load_model(generator, device),
+                                   val, device)  # fmt: skip
+            print(f"{mode:9s} round {k}: teacher {entry['miou']:.1f} ({entry['miou'] - base['miou']:+.1f} on the "
+                  f"warm-up); kept pixels edited {share:.3f}")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--demo", required=True, type=Path, help="a finished demo folder (with warmup/model_final.pt)")
+    p.add_argument("--labels", nargs="+", default=["pseudo", "true_kept"], choices=["pseudo", "true_kept", "eroded"])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--erode", type=int, default=2, help="pixels, for --labels eroded")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args()
+    run(a.demo, a.labels, a.rounds, a.erode, resolve_device(a.device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""benchmarks/round_labels.py: the pseudo-label edits of the kept-pixel test, against direct formulas."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("round_labels", ROOT / "benchmarks" / "round_labels.py")
+round_labels = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(round_labels)
+
+
+def _erode_direct(label: np.ndarray, r: int) -> np.ndarray:
+    """Slow reference: a pixel stays only if every pixel within r (Chebyshev, clipped at the border) equals it."""
+    h, w = label.shape
+    out = label.copy()
+    for y in range(h):
+        for x in range(w):
+            win = label[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1]
+            if (win != label[y, x]).any():
+                out[y, x] = 255
+    return out
+
+
+def test_erode_matches_a_direct_window_check():
+    rng = np.random.default_rng(0)
+    label = rng.choice([0, 1, 5, 255], size=(13, 17), p=[0.5, 0.3, 0.1, 0.1]).astype(np.uint8)
+    label[3:10, 4:12] = 2  # a block whose interior survives
+    for r in (1, 2):
+        np.testing.assert_array_equal(round_labels.erode(label, r), _erode_direct(label, r))
+    assert (round_labels.erode(label, 1)[5:8, 6:10] == 2).all()
+
+
+def test_true_kept_replaces_kept_labels_only(tmp_path):
+    src, dst = tmp_path / "pseudo", tmp_path / "edited"
+    (src / "labels").mkdir(parents=True)
+    (src / "summary.json").write_text(json.dumps({"classes": []}))
+    pseudo = np.array([[1, 1, 255], [2, 255, 3]], dtype=np.uint8)
+    truth = np.array([[1, 4, 4], [2, 0, 0]], dtype=np.uint8)
+    Image.fromarray(pseudo).save(src / "labels" / "a.png")
+    share = round_labels.edited_labels(src, dst, "true_kept", 2, {"a": truth})
+    got = np.array(Image.open(dst / "labels" / "a.png"))
+    np.testing.assert_array_equal(got, [[1, 4, 255], [2, 255, 0]])  # kept pixels take the truth; ignore stays
+    assert share == 2 / 4  # of 4 kept pixels, (0,1) and (1,2) changed
+    assert (dst / "summary.json").exists() and not (tmp_path / "edited.partial").exists()
