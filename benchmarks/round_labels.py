@@ -14,7 +14,8 @@ From a finished demo's warm-up model (``DEMO/warmup/model_final.pt``), runs the 
 
 Round k+1's pseudo-labels come from round k's teacher and its student continues from round k's student, as in the
 demo. Prints the teacher's target-val mIoU after each round and the share of kept pixels the edit changed; writes
-into ``DEMO/round_labels/<labels>/round_<k>/`` (resumable: finished rounds are reused).
+into ``DEMO/round_labels/<labels>/round_<k>/`` (resumable: finished rounds are reused). ``pseudo`` reuses the
+demo's own finished rounds (``DEMO/round_<k>/``: the same stages with the same settings) and runs only the rest.
 
 On photographs the kept pixels teach the target look of a class to its unconfident pixels, so ``true_kept`` gains
 over the warm-up; a toytown on which it does not gain cannot show what self-training does (docs/toytown.md, "Why
@@ -36,7 +37,7 @@ from PIL import Image
 from hias_nb.data import SegDataset
 from hias_nb.demo import demo_config, stage_configs
 from hias_nb.evaluate import evaluate_stage
-from hias_nb.io import write_png
+from hias_nb.io import read_json, write_json, write_png
 from hias_nb.pseudo_label import generate_pseudo_labels
 from hias_nb.runs import resolve_device
 from hias_nb.self_train import self_train
@@ -57,9 +58,10 @@ def erode(label: np.ndarray, r: int) -> np.ndarray:
 
 def edited_labels(src: Path, dst: Path, mode: str, r: int, truth: dict[str, np.ndarray]) -> float:
     """Copy the pseudo-label folder `src` to `dst` with its labels edited by `mode`; returns the share of kept
-    pixels whose label changed (``true_kept``) or that were dropped (``eroded``)."""
-    if (dst / "summary.json").exists():
-        return float("nan")
+    pixels whose label changed (``true_kept``) or that were dropped (``eroded``), also kept in ``dst/edit.json``
+    so that a resumed run reports it without editing again."""
+    if (dst / "edit.json").exists():
+        return read_json(dst / "edit.json")["share"]
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("labels"))
@@ -72,17 +74,19 @@ def edited_labels(src: Path, dst: Path, mode: str, r: int, truth: dict[str, np.n
         kept += int(m.sum())
         changed += int((out[m] != pl[m]).sum())
         write_png(tmp / "labels" / f.name, out)
+    share = changed / max(kept, 1)
+    write_json(tmp / "edit.json", {"mode": mode, "erode": r, "share": share})
     tmp.rename(dst)
-    return changed / max(kept, 1)
+    return share
 
 
 def run(demo: Path, modes: list[str], rounds: int, r: int, device: str) -> None:
     cfg = demo_config(path=demo / "config.yaml", overrides={"out": str(demo), "rounds": rounds, "device": device})
     plan = stage_configs(cfg, device)
     val = SegDataset("toytown", cfg.data_root, "target_val")
-    train = SegDataset("toytown", cfg.data_root, "target_train")
     truth = {}
     if "true_kept" in modes:
+        train = SegDataset("toytown", cfg.data_root, "target_train")
         for i in range(len(train)):
             item = train[i]
             truth[item["name"]] = item["label"].numpy().astype(np.uint8)
@@ -90,12 +94,14 @@ def run(demo: Path, modes: list[str], rounds: int, r: int, device: str) -> None:
     base = evaluate_stage(demo / "warmup" / "eval.json", "warmup", load_model(warm, device), val, device)
     print(f"warm-up {base['miou']:.1f}")
     for mode in modes:
-        out = demo / "round_labels" / mode
         generator = student = warm
         for k in range(1, rounds + 1):
-            rdir = out / f"round_{k}"
+            rdir = demo / "round_labels" / mode / f"round_{k}"
+            if mode == "pseudo" and (demo / f"round_{k}" / "eval_teacher.json").exists():
+                rdir = demo / f"round_{k}"  # the demo's own round: its stages find their outputs and skip
             raw = generate_pseudo_labels(dataclasses.replace(
-                plan[f"round_{k}/pseudo"], out=str(rdir / "pseudo_raw"), checkpoint=str(generator)))  # fmt: skip
+                plan[f"round_{k}/pseudo"], out=str(rdir / ("pseudo" if mode == "pseudo" else "pseudo_raw")),
+                checkpoint=str(generator)))  # fmt: skip
             pseudo, share = raw, 0.0
             if mode != "pseudo":
                 pseudo = rdir / "pseudo"

@@ -46,3 +46,5 @@ def test_true_kept_replaces_kept_labels_only(tmp_path):
     np.testing.assert_array_equal(got, [[1, 4, 255], [2, 255, 0]])  # kept pixels take the truth; ignore stays
     assert share == 2 / 4  # of 4 kept pixels, (0,1) and (1,2) changed
     assert (dst / "summary.json").exists() and not (tmp_path / "edited.partial").exists()
+    (src / "labels" / "a.png").unlink()  # a resumed run reports the recorded share and does not edit again
+    assert round_labels.edited_labels(src, dst, "true_kept", 2, {}) == 2 / 4
