@@ -10,7 +10,13 @@ From a finished demo's warm-up model (``DEMO/warmup/model_final.pt``), runs the 
 - ``true_kept``: every kept pixel's label replaced by its true label (the kept region as IAS chose it from the
   model's own predictions, round by round; nothing else changes);
 - ``eroded``: every kept region eroded by ``--erode`` px (a kept pixel is dropped when another label, or ignore,
-  lies within that many pixels): the pseudo-labels without their boundary pixels.
+  lies within that many pixels): the pseudo-labels without their boundary pixels;
+- ``true_all``: the true label on every pixel, kept or not: what the round's machinery can learn in its budget
+  at all (the headroom the other label sets are measured against).
+
+``--set round.strong=false`` (repeatable; keys as on ``hias-nb demo``'s command line) changes the round's
+settings; such runs go to ``DEMO/round_labels/<labels>+<key>=<value>.../`` so that they never mix with the
+demo's own.
 
 Round k+1's pseudo-labels come from round k's teacher and its student continues from round k's student, as in the
 demo. Prints the teacher's target-val mIoU after each round and the share of kept pixels the edit changed; writes
@@ -28,12 +34,14 @@ import argparse
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from hias_nb.config import parse_overrides
 from hias_nb.data import SegDataset
 from hias_nb.demo import demo_config, stage_configs
 from hias_nb.evaluate import evaluate_stage
@@ -70,7 +78,12 @@ def edited_labels(src: Path, dst: Path, mode: str, r: int, truth: dict[str, np.n
     for f in sorted((src / "labels").glob("*.png")):
         pl = np.array(Image.open(f))
         m = pl != IGNORE
-        out = np.where(m, truth[f.stem], IGNORE).astype(np.uint8) if mode == "true_kept" else erode(pl, r)
+        if mode == "true_all":
+            out = truth[f.stem]
+        elif mode == "true_kept":
+            out = np.where(m, truth[f.stem], IGNORE).astype(np.uint8)
+        else:
+            out = erode(pl, r)
         kept += int(m.sum())
         changed += int((out[m] != pl[m]).sum())
         write_png(tmp / "labels" / f.name, out)
@@ -80,12 +93,20 @@ def edited_labels(src: Path, dst: Path, mode: str, r: int, truth: dict[str, np.n
     return share
 
 
-def run(demo: Path, modes: list[str], rounds: int, r: int, device: str) -> None:
-    cfg = demo_config(path=demo / "config.yaml", overrides={"out": str(demo), "rounds": rounds, "device": device})
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["round.strong=false"]`` -> ``{"round.strong": False}``, read as ``hias-nb demo --round.strong false``."""
+    return parse_overrides([f"--{item}" for item in items])
+
+
+def run(demo: Path, modes: list[str], rounds: int, r: int, device: str, sets: list[str] = ()) -> None:
+    overrides = parse_sets(list(sets))
+    cfg = demo_config(path=demo / "config.yaml",
+                      overrides={**overrides, "out": str(demo), "rounds": rounds, "device": device})  # fmt: skip
+    tag = "".join(f"+{s}" for s in sets)
     plan = stage_configs(cfg, device)
     val = SegDataset("toytown", cfg.data_root, "target_val")
     truth = {}
-    if "true_kept" in modes:
+    if {"true_kept", "true_all"} & set(modes):
         train = SegDataset("toytown", cfg.data_root, "target_train")
         for i in range(len(train)):
             item = train[i]
@@ -96,8 +117,8 @@ def run(demo: Path, modes: list[str], rounds: int, r: int, device: str) -> None:
     for mode in modes:
         generator = student = warm
         for k in range(1, rounds + 1):
-            rdir = demo / "round_labels" / mode / f"round_{k}"
-            if mode == "pseudo" and (demo / f"round_{k}" / "eval_teacher.json").exists():
+            rdir = demo / "round_labels" / (mode + tag) / f"round_{k}"
+            if mode == "pseudo" and not tag and (demo / f"round_{k}" / "eval_teacher.json").exists():
                 rdir = demo / f"round_{k}"  # the demo's own round: its stages find their outputs and skip
             raw = generate_pseudo_labels(dataclasses.replace(
                 plan[f"round_{k}/pseudo"], out=str(rdir / ("pseudo" if mode == "pseudo" else "pseudo_raw")),
@@ -112,19 +133,22 @@ def run(demo: Path, modes: list[str], rounds: int, r: int, device: str) -> None:
             generator, student = run_dir / "teacher_final.pt", run_dir / "student_final.pt"
             entry = evaluate_stage(rdir / "eval_teacher.json", f"{mode} round {k}", load_model(generator, device),
                                    val, device)  # fmt: skip
-            print(f"{mode:9s} round {k}: teacher {entry['miou']:.1f} ({entry['miou'] - base['miou']:+.1f} on the "
+            print(f"{mode + tag:9s} round {k}: teacher {entry['miou']:.1f} ({entry['miou'] - base['miou']:+.1f} on the "
                   f"warm-up); kept pixels edited {share:.3f}")  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", required=True, type=Path, help="a finished demo folder (with warmup/model_final.pt)")
-    p.add_argument("--labels", nargs="+", default=["pseudo", "true_kept"], choices=["pseudo", "true_kept", "eroded"])
+    modes = ["pseudo", "true_kept", "eroded", "true_all"]
+    p.add_argument("--labels", nargs="+", default=["pseudo", "true_kept"], choices=modes)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a round setting, e.g. "
+                   "round.strong=false (repeatable)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--erode", type=int, default=2, help="pixels, for --labels eroded")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
-    run(a.demo, a.labels, a.rounds, a.erode, resolve_device(a.device))
+    run(a.demo, a.labels, a.rounds, a.erode, resolve_device(a.device), a.set)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hias_nb.demo import demo_config
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("round_labels", ROOT / "benchmarks" / "round_labels.py")
 round_labels = importlib.util.module_from_spec(_spec)
@@ -48,3 +50,17 @@ def test_true_kept_replaces_kept_labels_only(tmp_path):
     assert (dst / "summary.json").exists() and not (tmp_path / "edited.partial").exists()
     (src / "labels" / "a.png").unlink()  # a resumed run reports the recorded share and does not edit again
     assert round_labels.edited_labels(src, dst, "true_kept", 2, {}) == 2 / 4
+
+
+def test_true_all_labels_every_pixel_and_sets_parse(tmp_path):
+    src, dst = tmp_path / "pseudo", tmp_path / "all"
+    (src / "labels").mkdir(parents=True)
+    pseudo = np.array([[1, 255], [255, 3]], dtype=np.uint8)
+    truth = np.array([[1, 4], [2, 0]], dtype=np.uint8)
+    Image.fromarray(pseudo).save(src / "labels" / "a.png")
+    share = round_labels.edited_labels(src, dst, "true_all", 2, {"a": truth})
+    np.testing.assert_array_equal(np.array(Image.open(dst / "labels" / "a.png")), truth)  # no ignore left
+    assert share == 1 / 2  # of the 2 kept pixels, (1,1) changed (3 -> 0)
+    sets = round_labels.parse_sets(["round.strong=false", "round.iterations=240", "round.lr=1e-4"])
+    cfg = demo_config(overrides=sets)  # read as the demo's command line reads them
+    assert (cfg.round.strong, cfg.round.iterations, cfg.round.lr) == (False, 240, 1e-4)
