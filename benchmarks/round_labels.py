@@ -12,7 +12,10 @@ From a finished demo's warm-up model (``DEMO/warmup/model_final.pt``), runs the 
 - ``eroded``: every kept region eroded by ``--erode`` px (a kept pixel is dropped when another label, or ignore,
   lies within that many pixels): the pseudo-labels without their boundary pixels;
 - ``true_all``: the true label on every pixel, kept or not: what the round's machinery can learn in its budget
-  at all (the headroom the other label sets are measured against).
+  at all (the headroom the other label sets are measured against);
+- ``drop_rim`` / ``drop_region``: the pseudo-labels with one kind of their errors ignored — a *rim* error is a
+  kept pixel labelled c whose true label is not c but which lies within ``--erode`` px of a true pixel of c (a
+  dilated thing), a *region* error every other wrong kept pixel (a confused class).
 
 ``--set round.strong=false`` (repeatable; keys as on ``hias-nb demo``'s command line) changes the round's
 settings; such runs go to ``DEMO/round_labels/<labels>+<key>=<value>.../`` so that they never mix with the
@@ -64,10 +67,20 @@ def erode(label: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
+def rim_errors(pseudo: np.ndarray, truth: np.ndarray, r: int) -> np.ndarray:
+    """``[H,W]`` bool: kept pixels whose pseudo-label c is wrong but a true pixel of c lies within `r` px
+    (Chebyshev)."""
+    c = torch.from_numpy(pseudo.astype(np.int64))
+    onehot = F.one_hot(torch.from_numpy(truth.astype(np.int64)), 256).permute(2, 0, 1)[None].float()
+    near = F.max_pool2d(onehot, 2 * r + 1, 1, r)[0]  # [256, H, W]: a true pixel of each class within r
+    near_own = near.gather(0, c[None])[0].bool().numpy()
+    return (pseudo != IGNORE) & (pseudo != truth) & near_own
+
+
 def edited_labels(src: Path, dst: Path, mode: str, r: int, truth: dict[str, np.ndarray]) -> float:
     """Copy the pseudo-label folder `src` to `dst` with its labels edited by `mode`; returns the share of kept
-    pixels whose label changed (``true_kept``) or that were dropped (``eroded``), also kept in ``dst/edit.json``
-    so that a resumed run reports it without editing again."""
+    pixels whose label changed (``true_*``) or that were dropped (``eroded``, ``drop_*``), also kept in
+    ``dst/edit.json`` so that a resumed run reports it without editing again."""
     if (dst / "edit.json").exists():
         return read_json(dst / "edit.json")["share"]
     tmp = dst.with_name(dst.name + ".partial")
@@ -82,6 +95,10 @@ def edited_labels(src: Path, dst: Path, mode: str, r: int, truth: dict[str, np.n
             out = truth[f.stem]
         elif mode == "true_kept":
             out = np.where(m, truth[f.stem], IGNORE).astype(np.uint8)
+        elif mode in ("drop_rim", "drop_region"):
+            rim = rim_errors(pl, truth[f.stem], r)
+            wrong = m & (pl != truth[f.stem])
+            out = np.where(rim if mode == "drop_rim" else wrong & ~rim, IGNORE, pl).astype(np.uint8)
         else:
             out = erode(pl, r)
         kept += int(m.sum())
@@ -106,7 +123,7 @@ def run(demo: Path, modes: list[str], rounds: int, r: int, device: str, sets: li
     plan = stage_configs(cfg, device)
     val = SegDataset("toytown", cfg.data_root, "target_val")
     truth = {}
-    if {"true_kept", "true_all"} & set(modes):
+    if {"true_kept", "true_all", "drop_rim", "drop_region"} & set(modes):
         train = SegDataset("toytown", cfg.data_root, "target_train")
         for i in range(len(train)):
             item = train[i]
@@ -140,12 +157,12 @@ def run(demo: Path, modes: list[str], rounds: int, r: int, device: str, sets: li
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", required=True, type=Path, help="a finished demo folder (with warmup/model_final.pt)")
-    modes = ["pseudo", "true_kept", "eroded", "true_all"]
+    modes = ["pseudo", "true_kept", "eroded", "true_all", "drop_rim", "drop_region"]
     p.add_argument("--labels", nargs="+", default=["pseudo", "true_kept"], choices=modes)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a round setting, e.g. "
                    "round.strong=false (repeatable)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--erode", type=int, default=2, help="pixels, for --labels eroded")
+    p.add_argument("--erode", type=int, default=2, help="pixels, for --labels eroded, drop_rim, drop_region")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     run(a.demo, a.labels, a.rounds, a.erode, resolve_device(a.device), a.set)

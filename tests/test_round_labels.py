@@ -64,3 +64,25 @@ def test_true_all_labels_every_pixel_and_sets_parse(tmp_path):
     sets = round_labels.parse_sets(["round.strong=false", "round.iterations=240", "round.lr=1e-4"])
     cfg = demo_config(overrides=sets)  # read as the demo's command line reads them
     assert (cfg.round.strong, cfg.round.iterations, cfg.round.lr) == (False, 240, 1e-4)
+
+
+def test_rim_and_region_errors_split_the_wrong_kept_pixels(tmp_path):
+    truth = np.zeros((7, 9), dtype=np.uint8)
+    truth[2:5, 2:4] = 5  # a small thing (class 5) on background 0
+    pseudo = np.full((7, 9), 255, dtype=np.uint8)
+    pseudo[1:6, 1:5] = 5  # the thing kept dilated by one pixel: its rim is background labelled 5
+    pseudo[0, 8] = 7  # a wrong kept pixel far from any true 7: a region error
+    pseudo[6, 8] = 0  # a right kept pixel
+    rim = round_labels.rim_errors(pseudo, truth, 1)
+    expected = (pseudo == 5) & (truth != 5)  # every dilated pixel touches the true thing within 1 px
+    np.testing.assert_array_equal(rim, expected)
+    assert rim.sum() == 20 - 6 and not rim[0, 8]
+    src = tmp_path / "pseudo"
+    (src / "labels").mkdir(parents=True)
+    Image.fromarray(pseudo).save(src / "labels" / "a.png")
+    round_labels.edited_labels(src, tmp_path / "rim", "drop_rim", 1, {"a": truth})
+    round_labels.edited_labels(src, tmp_path / "region", "drop_region", 1, {"a": truth})
+    no_rim = np.array(Image.open(tmp_path / "rim" / "labels" / "a.png"))
+    no_region = np.array(Image.open(tmp_path / "region" / "labels" / "a.png"))
+    assert (no_rim[expected] == 255).all() and no_rim[0, 8] == 7 and (no_rim[2:5, 2:4] == 5).all()
+    assert no_region[0, 8] == 255 and (no_region[expected] == 5).all() and no_region[6, 8] == 0
