@@ -1,10 +1,15 @@
 """The resolution ceiling of toytown: how much of each class a stride-8 prediction can recover at all.
 
-    python benchmarks/toytown_ceiling.py [--sizes 64x128 96x192] [--images 150] [--stride 8]
+    python benchmarks/toytown_ceiling.py [--sizes 64x128 96x192] [--images 150] [--stride 8] [--grow 1 2]
 
 From the labels alone (no model): the one-hot target label map average-pooled by the output stride, upsampled
 bilinearly (as DeepLabV2's logits are) and arg-maxed, scored against the full-resolution label. Prints mIoU and
 per-class IoU per image size (docs/toytown.md, "The resolution ceiling").
+
+``--grow K``: also the mIoU of the true labels with every thing (the object, human and vehicle classes: pole to
+bicycle, not the flat, construction, nature and sky ones) grown by K px into the background around it — what a
+self-training round that dilates things by K px costs at that size (docs/toytown.md, "Which errors make the
+drift").
 """
 
 from __future__ import annotations
@@ -18,6 +23,32 @@ import torch.nn.functional as F
 from hias_nb.classes import CITYSCAPES_CLASSES
 from hias_nb.data.toytown import render_scene
 from hias_nb.metrics import iou_per_class
+
+THINGS = (5, 6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # pole, light, sign, person, rider, car ... bicycle
+
+
+def grow_things(label: np.ndarray, k: int) -> np.ndarray:
+    """``[H,W]`` train ids with every background pixel within `k` px (Chebyshev) of a thing relabelled as that
+    thing (things in `THINGS` order where two reach one pixel); things themselves are never overwritten."""
+    out = label.copy()
+    background = ~np.isin(label, THINGS)
+    for c in THINGS:
+        mask = torch.from_numpy(label == c).float()[None, None]
+        near = F.max_pool2d(mask, 2 * k + 1, 1, k)[0, 0].numpy() > 0
+        take = near & background
+        out[take] = c
+        background &= ~take
+    return out
+
+
+def grown_miou(size: tuple[int, int], images: int, k: int) -> float:
+    """mIoU of the target labels grown by `k` px (`grow_things`) against the labels themselves."""
+    matrix = np.zeros((19, 19), dtype=np.int64)
+    for i in range(images):
+        y = render_scene(np.random.default_rng(1000 + i), "target", size)[1].astype(np.int64)
+        matrix += np.bincount((y * 19 + grow_things(y, k)).ravel(), minlength=19 * 19).reshape(19, 19)
+    valid = [v for v in iou_per_class(matrix) if v is not None]
+    return sum(valid) / len(valid)
 
 
 def ceiling(size: tuple[int, int], images: int, stride: int) -> list[float | None]:
@@ -34,6 +65,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["64x128", "96x192"])
     ap.add_argument("--images", type=int, default=150)
     ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--grow", type=int, nargs="*", default=[], help="px: also the mIoU after things grow this much")
     args = ap.parse_args()
     for text in args.sizes:
         size = tuple(int(v) for v in text.split("x"))
@@ -41,6 +73,8 @@ def main() -> None:
         valid = [v for v in iou if v is not None]
         per = ", ".join(f"{n} {v:.0f}" for n, v in zip(CITYSCAPES_CLASSES, iou, strict=True) if v is not None)
         print(f"{text}: ceiling mIoU {sum(valid) / len(valid):.1f}  ({per})")
+        for k in args.grow:
+            print(f"{text}: every thing grown by {k} px: mIoU {grown_miou(size, args.images, k):.1f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""benchmarks/toytown_ceiling.py: the things' growth against a direct per-pixel formula."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("toytown_ceiling", ROOT / "benchmarks" / "toytown_ceiling.py")
+toytown_ceiling = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toytown_ceiling)
+
+
+def _grow_direct(label: np.ndarray, k: int) -> np.ndarray:
+    """Slow reference: a background pixel takes the first thing class (in THINGS order) within k px."""
+    h, w = label.shape
+    out = label.copy()
+    for y in range(h):
+        for x in range(w):
+            if label[y, x] in toytown_ceiling.THINGS:
+                continue
+            win = label[max(0, y - k) : y + k + 1, max(0, x - k) : x + k + 1]
+            for c in toytown_ceiling.THINGS:
+                if (win == c).any():
+                    out[y, x] = c
+                    break
+    return out
+
+
+def test_grow_things_matches_a_direct_window_check():
+    rng = np.random.default_rng(0)
+    label = rng.choice([0, 2, 8, 10], size=(15, 21)).astype(np.uint8)
+    label[4:7, 5:6] = 5  # a pole, one pixel wide
+    label[9:12, 10:16] = 13  # a car
+    label[9:11, 16:18] = 11  # a person touching it
+    label[2, 18] = 18  # a bicycle pixel near the border
+    for k in (1, 2):
+        got = toytown_ceiling.grow_things(label, k)
+        np.testing.assert_array_equal(got, _grow_direct(label, k))
+        things = np.isin(label, toytown_ceiling.THINGS)
+        np.testing.assert_array_equal(got[things], label[things])  # things are never overwritten
+    assert (toytown_ceiling.grow_things(label, 1)[3:8, 4:7] == 5).all()  # the pole is three pixels wide now
