@@ -1,18 +1,14 @@
 """benchmarks/round_labels.py: the pseudo-label edits of the kept-pixel test, against direct formulas."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
+from _benchmarks import load_benchmark
 from PIL import Image
 
 from hias_nb.demo import demo_config
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("round_labels", ROOT / "benchmarks" / "round_labels.py")
-round_labels = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(round_labels)
+round_labels = load_benchmark("round_labels")
 
 
 def _erode_direct(label: np.ndarray, r: int) -> np.ndarray:

@@ -1,14 +1,9 @@
 """benchmarks/toytown_ceiling.py: the things' growth against a direct per-pixel formula."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
+from _benchmarks import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("toytown_ceiling", ROOT / "benchmarks" / "toytown_ceiling.py")
-toytown_ceiling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(toytown_ceiling)
+toytown_ceiling = load_benchmark("toytown_ceiling")
 
 
 def _grow_direct(label: np.ndarray, k: int) -> np.ndarray:
