@@ -46,6 +46,7 @@ from PIL import Image
 
 from hias_nb.config import parse_overrides
 from hias_nb.data import SegDataset
+from hias_nb.data.datasets import decode_label, read_raw_label
 from hias_nb.demo import demo_config, stage_configs
 from hias_nb.evaluate import evaluate_stage
 from hias_nb.io import read_json, write_json, write_png
@@ -70,11 +71,13 @@ def erode(label: np.ndarray, r: int) -> np.ndarray:
 def rim_errors(pseudo: np.ndarray, truth: np.ndarray, r: int) -> np.ndarray:
     """``[H,W]`` bool: kept pixels whose pseudo-label c is wrong but a true pixel of c lies within `r` px
     (Chebyshev)."""
-    c = torch.from_numpy(pseudo.astype(np.int64))
-    onehot = F.one_hot(torch.from_numpy(truth.astype(np.int64)), 256).permute(2, 0, 1)[None].float()
-    near = F.max_pool2d(onehot, 2 * r + 1, 1, r)[0]  # [256, H, W]: a true pixel of each class within r
+    kept = pseudo != IGNORE
+    n = int(max(truth.max(), pseudo[kept].max(initial=0))) + 1  # channels for every class that occurs
+    onehot = F.one_hot(torch.from_numpy(truth.astype(np.int64)), n).permute(2, 0, 1)[None].float()
+    near = F.max_pool2d(onehot, 2 * r + 1, 1, r)[0]  # [n, H, W]: a true pixel of each class within r
+    c = torch.from_numpy(np.where(kept, pseudo, 0).astype(np.int64))
     near_own = near.gather(0, c[None])[0].bool().numpy()
-    return (pseudo != IGNORE) & (pseudo != truth) & near_own
+    return kept & (pseudo != truth) & near_own
 
 
 def edited_labels(src: Path, dst: Path, mode: str, r: int, truth: dict[str, np.ndarray]) -> float:
@@ -125,9 +128,9 @@ def run(demo: Path, modes: list[str], rounds: int, r: int, device: str, sets: li
     truth = {}
     if {"true_kept", "true_all", "drop_rim", "drop_region"} & set(modes):
         train = SegDataset("toytown", cfg.data_root, "target_train")
-        for i in range(len(train)):
-            item = train[i]
-            truth[item["name"]] = item["label"].numpy().astype(np.uint8)
+        for sample in train.samples:  # the label files only: the images are not needed
+            raw = read_raw_label(sample.label, train.manifest.label)
+            truth[sample.id] = decode_label(raw, train.manifest, sample.label)
     warm = demo / "warmup" / "model_final.pt"
     base = evaluate_stage(demo / "warmup" / "eval.json", "warmup", load_model(warm, device), val, device)
     print(f"warm-up {base['miou']:.1f}")

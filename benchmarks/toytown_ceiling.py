@@ -41,19 +41,24 @@ def grow_things(label: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def grown_miou(size: tuple[int, int], images: int, k: int) -> float:
-    """mIoU of the target labels grown by `k` px (`grow_things`) against the labels themselves."""
+def target_labels(size: tuple[int, int], images: int) -> np.ndarray:
+    """``[N,H,W]`` int64: the labels of target scenes 1000 .. 1000 + images - 1 at `size`."""
+    return np.stack([render_scene(np.random.default_rng(1000 + i), "target", size)[1] for i in range(images)])
+
+
+def grown_miou(labels: np.ndarray, k: int) -> float:
+    """mIoU of `labels` ``[N,H,W]`` grown by `k` px (`grow_things`) against themselves."""
     matrix = np.zeros((19, 19), dtype=np.int64)
-    for i in range(images):
-        y = render_scene(np.random.default_rng(1000 + i), "target", size)[1].astype(np.int64)
+    for y in labels.astype(np.int64):
         matrix += np.bincount((y * 19 + grow_things(y, k)).ravel(), minlength=19 * 19).reshape(19, 19)
     valid = [v for v in iou_per_class(matrix) if v is not None]
     return sum(valid) / len(valid)
 
 
-def ceiling(size: tuple[int, int], images: int, stride: int) -> list[float | None]:
-    labels = [render_scene(np.random.default_rng(1000 + i), "target", size)[1] for i in range(images)]
-    y = torch.from_numpy(np.stack(labels).astype(np.int64))  # [N,H,W]
+def ceiling(labels: np.ndarray, stride: int) -> list[float | None]:
+    """Per-class IoU of `labels` ``[N,H,W]`` average-pooled by `stride`, upsampled and arg-maxed."""
+    size = tuple(labels.shape[-2:])
+    y = torch.from_numpy(labels.astype(np.int64))  # [N,H,W]
     one_hot = F.one_hot(y, 19).permute(0, 3, 1, 2).float()
     up = F.interpolate(F.avg_pool2d(one_hot, stride), size=size, mode="bilinear", align_corners=True).argmax(1)
     matrix = np.bincount((y * 19 + up).ravel().numpy(), minlength=19 * 19).reshape(19, 19)
@@ -69,12 +74,13 @@ def main() -> None:
     args = ap.parse_args()
     for text in args.sizes:
         size = tuple(int(v) for v in text.split("x"))
-        iou = ceiling(size, args.images, args.stride)
+        labels = target_labels(size, args.images)  # drawn once for the ceiling and every growth
+        iou = ceiling(labels, args.stride)
         valid = [v for v in iou if v is not None]
         per = ", ".join(f"{n} {v:.0f}" for n, v in zip(CITYSCAPES_CLASSES, iou, strict=True) if v is not None)
         print(f"{text}: ceiling mIoU {sum(valid) / len(valid):.1f}  ({per})")
         for k in args.grow:
-            print(f"{text}: every thing grown by {k} px: mIoU {grown_miou(size, args.images, k):.1f}")
+            print(f"{text}: every thing grown by {k} px: mIoU {grown_miou(labels, k):.1f}")
 
 
 if __name__ == "__main__":

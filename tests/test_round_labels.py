@@ -3,7 +3,7 @@
 import json
 
 import numpy as np
-from _benchmarks import load_benchmark
+from _benchmarks import chebyshev_windows, load_benchmark
 from PIL import Image
 
 from hias_nb.demo import demo_config
@@ -13,13 +13,10 @@ round_labels = load_benchmark("round_labels")
 
 def _erode_direct(label: np.ndarray, r: int) -> np.ndarray:
     """Slow reference: a pixel stays only if every pixel within r (Chebyshev, clipped at the border) equals it."""
-    h, w = label.shape
     out = label.copy()
-    for y in range(h):
-        for x in range(w):
-            win = label[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1]
-            if (win != label[y, x]).any():
-                out[y, x] = 255
+    for y, x, win in chebyshev_windows(label, r):
+        if (win != label[y, x]).any():
+            out[y, x] = 255
     return out
 
 

@@ -1,24 +1,21 @@
 """benchmarks/toytown_ceiling.py: the things' growth against a direct per-pixel formula."""
 
 import numpy as np
-from _benchmarks import load_benchmark
+from _benchmarks import chebyshev_windows, load_benchmark
 
 toytown_ceiling = load_benchmark("toytown_ceiling")
 
 
 def _grow_direct(label: np.ndarray, k: int) -> np.ndarray:
     """Slow reference: a background pixel takes the first thing class (in THINGS order) within k px."""
-    h, w = label.shape
     out = label.copy()
-    for y in range(h):
-        for x in range(w):
-            if label[y, x] in toytown_ceiling.THINGS:
-                continue
-            win = label[max(0, y - k) : y + k + 1, max(0, x - k) : x + k + 1]
-            for c in toytown_ceiling.THINGS:
-                if (win == c).any():
-                    out[y, x] = c
-                    break
+    for y, x, win in chebyshev_windows(label, k):
+        if label[y, x] in toytown_ceiling.THINGS:
+            continue
+        for c in toytown_ceiling.THINGS:
+            if (win == c).any():
+                out[y, x] = c
+                break
     return out
 
 
