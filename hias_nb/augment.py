@@ -66,6 +66,7 @@ __all__ = [
     "opencv_fixed_point_kernel",
     "photometric",
     "rgb_to_gray",
+    "some_strong",
     "sample_blur_ksize",
     "sample_strong_params",
     "sample_weak_params",
@@ -934,6 +935,32 @@ def photometric(images: Tensor, generator: torch.Generator, strength: float = 1.
     noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32).to(dev)
     x = (x + noise * noise_std).clamp_(0, 255)
     return _restore(x, images)
+
+
+def some_strong(images: Tensor, generator: torch.Generator, prob: float) -> Tensor:
+    """The CCA strong view on a random share of a supervised batch (not part of HIAST: toytown's source-only
+    training, warm-up and oracle; docs/toytown.md, "What the strong view hides").
+
+    Each image independently takes `strong_view` with probability `prob` (one uniform draw per image from
+    `generator`, then the strong view's own draws for the chosen ones; blur scaled to the image size); the others
+    are returned unchanged. A toytown model trained without it loses about 40 % of its mIoU on strong views, so
+    a self-training student, which learns from strong views, first has to learn them. ``prob`` 0 draws nothing.
+
+    Shape: ``images`` ``[B,3,H,W]`` uint8 or float with integer values in [0, 255] -> the same shape and dtype.
+    """
+    if not 0 <= prob <= 1:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    if prob == 0:
+        return images
+    u = torch.rand(images.shape[0], generator=generator, device=generator.device)
+    pick = (u < prob).nonzero()[:, 0].cpu()
+    if len(pick) == 0:
+        return images
+    pick = pick.to(images.device)
+    strong, _ = strong_view(images[pick], generator, scaled_blur_limit(tuple(images.shape[-2:])))
+    out = images.clone()
+    out[pick] = strong.to(images.dtype)
+    return out
 
 
 def normalize(images: Tensor) -> Tensor:

@@ -66,6 +66,7 @@ class TrainConfig(RunSettings):
     crop_scale: tuple[float, float] = (0.6, 1.0)  # crop height as a fraction of the input height
     crop_ratio: float = 2.0  # crop width / height
     photometric: float = 1.0  # strength of source photometric augmentation; 0 disables it
+    strong_prob: float = 0.5  # share of images that then take the CCA strong view (docs/toytown.md); paper: 0
     num_workers: int = 0
 
     def validate(self) -> None:
@@ -74,6 +75,7 @@ class TrainConfig(RunSettings):
             self,
             positive=("head_lr_mult", "crop_ratio"),
             non_negative=("weight_decay", "warmup", "photometric", "num_workers"),
+            unit=("strong_prob",),
             sizes=("resize", "crop_size", "crop_height_range"),
             scale_ranges=("crop_scale",),
         )
@@ -134,6 +136,8 @@ class SourceTraining:
         images = views.weak
         if cfg.photometric > 0:  # so the source model's BatchNorm statistics do not encode the source palette
             images = augment.photometric(images, generator=self.gen, strength=cfg.photometric)
+        # so that a self-training student, which learns from strong views, does not start by learning them
+        images = augment.some_strong(images, self.gen, cfg.strong_prob)
         lr = runner.set_lr(self.opt, self.base_lrs, runner.lr_factor(it, cfg.iterations, cfg.schedule, cfg.warmup))
         loss = runner.cross_entropy_step(self.net, self.opt, self.scaler, images, views.label, device, cfg.amp)
         return {"loss": loss, "lr": lr}

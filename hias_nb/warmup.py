@@ -100,6 +100,7 @@ class WarmupConfig(RunSettings):
     crop_scale: tuple[float, float] = (0.6, 1.0)  # crop height as a fraction of the image height
     crop_ratio: float = 2.0
     photometric: float = 1.0  # source photometric augmentation, as in source-only training
+    strong_prob: float = 0.5  # share of source images that then take the CCA strong view, as in source-only
 
     def validate(self) -> None:
         super().validate()
@@ -108,6 +109,7 @@ class WarmupConfig(RunSettings):
             positive=("d_ndf", "d_lr", "head_lr_mult", "crop_ratio"),
             non_negative=("weight_decay", "source_weight", "adv_weight", "ent_weight", "d_weight", "photometric"),
             sizes=("resize", "source_resize", "crop_size", "source_crop_height_range", "target_crop_height_range"),
+            unit=("strong_prob",),
             scale_ranges=("crop_scale",),
         )
         augment.check_crop_fits(self.source_resize or self.resize, self.source_crop_height_range, self.crop_ratio)
@@ -281,6 +283,7 @@ class AdversarialWarmup:
         xs, ys = self._weak(next(self.source), cfg.source_crop_height_range)
         if cfg.photometric > 0:
             xs = augment.photometric(xs, generator=self.gen, strength=cfg.photometric)
+        xs = augment.some_strong(xs, self.gen, cfg.strong_prob)
         xt, _ = self._weak(next(self.target), cfg.target_crop_height_range)  # its label is never read
         lr = set_lr(self.opt, self.base_lrs, lr_factor(it, cfg.iterations, cfg.schedule))
         set_lr(self.opt_d, [cfg.d_lr], lr_factor(it, cfg.iterations, cfg.schedule))

@@ -31,6 +31,7 @@ from hias_nb.augment import (
     sample_weak_params,
     scaled_blur_limit,
     scaled_weak_defaults,
+    some_strong,
     strong_view,
     weak_view,
 )
@@ -488,6 +489,27 @@ def test_photometric_identity_range_and_determinism():
     d_weak = (photometric(x, gen(29), strength=0.1) - x).abs().mean()
     d_strong = (photometric(x, gen(29), strength=1.0) - x).abs().mean()
     assert d_weak < d_strong
+
+
+def test_some_strong_takes_the_strong_view_on_the_drawn_share():
+    x = rand_images(400, 8, 16, seed=30)
+    g = gen(31)
+    assert some_strong(x, g, 0.0) is x and torch.equal(g.get_state(), gen(31).get_state())  # draws nothing
+    # prob 1: one uniform per image, then exactly the strong view of the whole batch
+    g_ref = gen(32)
+    torch.rand(len(x), generator=g_ref)
+    expected, _ = strong_view(x, g_ref, scaled_blur_limit((8, 16)))
+    assert torch.equal(some_strong(x, gen(32), 1.0), expected)
+    # prob 0.3: the images whose draw is >= 0.3 come back untouched; about 30 % are drawn (binomial, 400 images)
+    out = some_strong(x, gen(33), 0.3)
+    drawn = torch.rand(len(x), generator=gen(33)) < 0.3
+    assert torch.equal(out[~drawn], x[~drawn]) and out.dtype == x.dtype and out.shape == x.shape
+    assert 0.3 - 4 * math.sqrt(0.3 * 0.7 / 400) < drawn.float().mean() < 0.3 + 4 * math.sqrt(0.3 * 0.7 / 400)
+    changed = (out != x).flatten(1).any(1)
+    assert changed[drawn].float().mean() > 0.8  # a drawn image almost always changes (an op fires)
+    assert some_strong(x.float(), gen(33), 0.3).dtype == torch.float32
+    with pytest.raises(ValueError, match="prob must be in"):
+        some_strong(x, gen(0), 1.5)
 
 
 def test_normalize_hand_values():

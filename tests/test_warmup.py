@@ -160,10 +160,31 @@ def test_warmup_run_resumes_exactly_and_logs_every_term(tiny_toytown, model_ckpt
 
 
 def test_config_rejects_bad_values():
+    from hias_nb.train import TrainConfig
+
     with pytest.raises(InputError, match="adv_weight"):
         WarmupConfig(adv_weight=-1).validate()
     with pytest.raises(InputError, match="d_lr"):
         WarmupConfig(d_lr=0).validate()
+    for cls in (WarmupConfig, TrainConfig):
+        for bad in (1.5, -0.1, float("nan")):
+            with pytest.raises(InputError, match=r"strong_prob: must be in \[0, 1\]"):
+                cls(strong_prob=bad).validate()
+
+
+def test_the_strong_share_reaches_source_training_and_the_warmup(tiny_toytown, model_ckpt, tmp_path):
+    """strong_prob is applied by both supervised stages: the same seed and steps with 0 and 1 give other weights."""
+    from hias_nb.train import TrainConfig, train_source
+
+    base = dict(data_root=str(tiny_toytown), iterations=2, batch_size=2, progress=False, device="cpu")
+    runs = {}
+    for p in (0.0, 1.0):
+        src = train_source(TrainConfig(out=str(tmp_path / f"s{p}"), strong_prob=p, warmup=1, **base))
+        wu = adversarial_warmup(WarmupConfig(out=str(tmp_path / f"w{p}"), init_checkpoint=str(model_ckpt), d_ndf=8,
+                                             strong_prob=p, **base))  # fmt: skip
+        runs[p] = [torch.load(f, weights_only=True)["state_dict"] for f in (src, wu / "model_final.pt")]
+    for a, b in zip(runs[0.0], runs[1.0], strict=True):
+        assert not torch.equal(a["aspp.conv2d_list.0.weight"], b["aspp.conv2d_list.0.weight"])
 
 
 def test_warmup_across_two_datasets_with_the_papers_crops(tiny_toytown, model_ckpt, tmp_path):
