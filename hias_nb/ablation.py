@@ -16,7 +16,9 @@ Settings: the demo's (`hias_nb.demo.DemoConfig`): ``--config FILE`` and ``--key 
 variant and the control; ``OUT/config.yaml`` records them. Results go to a long CSV, one row per (variant, seed,
 stage): ``variant, seed, stage, miou``, one IoU column per class and the label-free model-selection scores
 (``label_free_entropy``, ``label_free_coverage@0.9``, ``label_free_snd``: `hias_nb.model_selection`); the
-notebooks read it.
+notebooks read it. Beside it, ``label_free_ranks.csv``: each score's rank correlation with mIoU over every
+checkpoint the ablation evaluated (the oracle, trained on target labels, left out; each seed's shared stages once)
+and what picking a checkpoint by it costs (`hias_nb.model_selection.rank_correlations`).
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from hias_nb.demo import DemoConfig, adabn_checkpoint, demo_config, resolved_con
 from hias_nb.errors import InputError
 from hias_nb.evaluate import evaluate_stage
 from hias_nb.io import atomic_path
+from hias_nb.model_selection import rank_correlations
 from hias_nb.runs import claim_config, resolve_device
 from hias_nb.train import load_model, train_source
 
-__all__ = ["VARIANTS", "run_ablation", "ablation_table"]
+__all__ = ["VARIANTS", "run_ablation", "ablation_table", "checkpoints"]
 
 # Each variant is the demo with these settings changed (keys as on the demo's command line).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -147,7 +150,12 @@ def run_ablation(
     csv = Path(csv) if csv else out / "ablation.csv"
     with atomic_path(csv) as tmp:
         df.to_csv(tmp, index=False, float_format="%.2f")
+    ranks = rank_correlations(checkpoints(df))
+    with atomic_path(csv.with_name("label_free_ranks.csv")) as tmp:
+        ranks.to_csv(tmp, index=False, float_format="%.3f")
     print(ablation_table(df).round(1).to_string())
+    print("label-free scores against mIoU (Spearman over checkpoints; regret: mIoU lost picking by the score):")
+    print(ranks.round(3).to_string(index=False))
     return df
 
 
@@ -168,6 +176,14 @@ def _row(variant: str, seed: int, stage: dict) -> dict:
     scores = {f"label_free_{k}": v for k, v in stage.get("label_free", {}).items()}  # hias_nb.model_selection
     return {"variant": variant, "seed": seed, "stage": stage["name"], "miou": stage["miou"], **stage["per_class"],
             **scores}  # fmt: skip
+
+
+def checkpoints(df: pd.DataFrame) -> pd.DataFrame:
+    """The ablation's rows as distinct checkpoints a label-free score could pick from: every seed's shared stages
+    (source-only, AdaBN, warm-up) once, every variant's rounds and the control; not the oracle (target labels)."""
+    shared = df["stage"].isin(["source_only", "source_only_adabn", "warmup"])
+    keep = ~df["stage"].eq("oracle") & ~(shared & df.duplicated(["seed", "stage"]))
+    return df[keep].reset_index(drop=True)
 
 
 def ablation_table(df: pd.DataFrame) -> pd.DataFrame:

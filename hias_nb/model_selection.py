@@ -19,22 +19,26 @@ For softmax maps ``p`` ``[B,C,H,W]`` (C classes):
   arg-max agree (`agreement`).
 
 Written here because no installed library computes them for segmentation maps; each is a few tensor lines and is
-tested against a direct loop.
+tested against a direct loop. `rank_correlations` measures how well each score ranks checkpoints by mIoU (the
+ablation's ``label_free_ranks.csv``).
 """
 
 from __future__ import annotations
 
 import math
 
+import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = ["SND_PIXELS", "SND_TEMPERATURE", "COVERAGE_THRESHOLD", "LabelFreeScores", "snd", "agreement",
-           "dataset_agreement"]  # fmt: skip
+__all__ = ["SND_PIXELS", "SND_TEMPERATURE", "COVERAGE_THRESHOLD", "HIGHER_IS_BETTER", "LabelFreeScores", "snd",
+           "agreement", "dataset_agreement", "rank_correlations"]  # fmt: skip
 
 SND_PIXELS = 256  # pixels per image whose neighbourhood density is measured
 SND_TEMPERATURE = 0.05  # the SND paper's temperature
 COVERAGE_THRESHOLD = 0.9
+# the way each score points to the better model, for picking a checkpoint by it
+HIGHER_IS_BETTER = {"entropy": False, f"coverage@{COVERAGE_THRESHOLD}": True, "snd": True, "agreement": True}
 
 
 def snd(
@@ -116,3 +120,28 @@ def dataset_agreement(
         same += int((a == b).sum())
         total += a.numel()
     return same / max(total, 1)
+
+
+def rank_correlations(checkpoints: pd.DataFrame) -> pd.DataFrame:
+    """How well each label-free score ranks checkpoints by their mIoU.
+
+    `checkpoints`: one row per evaluated checkpoint, with ``seed``, ``miou`` and ``label_free_<score>`` columns
+    (a score missing for a checkpoint is NaN: ``agreement`` exists for rounds only). Returns one row per score:
+    ``n`` (checkpoints that have it), ``spearman`` (Spearman's rank correlation of the score with mIoU, all seeds
+    pooled, ties at their mean rank; negative is good for entropy, positive for the others, `HIGHER_IS_BETTER`),
+    ``regret`` (per seed, the best mIoU among the checkpoints that have the score minus the mIoU of the one the
+    score picks, then the mean over seeds: what choosing by the score costs) and ``seeds``.
+    """
+    rows = []
+    for col in [c for c in checkpoints.columns if c.startswith("label_free_")]:
+        name = col.removeprefix("label_free_")
+        d = checkpoints[["seed", "miou", col]].dropna()
+        rho = d[[col, "miou"]].corr(method="spearman").iloc[0, 1] if len(d) > 2 else float("nan")
+        higher = HIGHER_IS_BETTER.get(name, True)
+        regrets = [
+            g["miou"].max() - g.loc[g[col].idxmax() if higher else g[col].idxmin(), "miou"]
+            for _, g in d.groupby("seed")
+        ]
+        regret = sum(regrets) / len(regrets) if regrets else float("nan")
+        rows.append({"score": name, "n": len(d), "spearman": rho, "regret": regret, "seeds": len(regrets)})
+    return pd.DataFrame(rows, columns=["score", "n", "spearman", "regret", "seeds"])

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from hias_nb.ablation import VARIANTS, ablation_table, run_ablation
+from hias_nb.ablation import VARIANTS, ablation_table, checkpoints, run_ablation
 
 
 def test_table_counts_shared_source_stages_once_and_takes_the_last_round():
@@ -24,6 +24,16 @@ def test_table_counts_shared_source_stages_once_and_takes_the_last_round():
     assert t.loc[("full", "round_2"), "mean"] == (11.0 + 26.0) / 2  # the final round, per seed
     assert ("full", "round_1") not in t.index
     assert t.loc[("control", "control"), "mean"] == 16.0
+
+
+def test_checkpoints_count_shared_stages_once_and_leave_out_the_oracle():
+    rows = [{"variant": v, "seed": s, "stage": st, "miou": 1.0} for s in (0, 1) for v in ("full", "cbst")
+            for st in ("source_only", "source_only_adabn", "warmup", "round_1")]  # fmt: skip
+    rows += [{"variant": "full", "seed": s, "stage": "oracle", "miou": 9.0} for s in (0, 1)]
+    got = checkpoints(pd.DataFrame(rows))
+    assert len(got) == 2 * (3 + 2) and "oracle" not in set(got["stage"])
+    assert got.groupby("seed")["stage"].apply(list).tolist() == [
+        ["source_only", "source_only_adabn", "warmup", "round_1", "round_1"]] * 2  # fmt: skip
 
 
 def test_each_variant_changes_exactly_its_setting():
@@ -81,6 +91,10 @@ def test_tiny_ablation_shares_the_warmup_and_writes_the_csv(tiny_toytown, tmp_pa
     assert df[df["variant"] == "cbst"].set_index("stage")["miou"]["warmup"] == full["warmup"]
     assert "warmup" not in set(df[df["variant"] == "no_warmup"]["stage"])
     assert set(df[df["variant"] == "control"]["stage"]) == {"control", "control_adabn"}
+    # label-free scores against mIoU over the distinct checkpoints: full's 4 stages, one round each for cbst and
+    # no_warmup (their source stages are full's), the control's 2
+    ranks = pd.read_csv(tmp_path / "label_free_ranks.csv").set_index("score")
+    assert len(checkpoints(df)) == 8 and ranks.loc["entropy", "n"] == 8 and ranks.loc["agreement", "n"] == 3
     warm = tmp_path / "abl" / "seed_0"
     assert (warm / "cbst" / "warmup" / "model_final.pt").stat().st_ino == (
         warm / "full" / "warmup" / "model_final.pt"

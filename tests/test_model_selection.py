@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hias_nb.model_selection import COVERAGE_THRESHOLD, LabelFreeScores, agreement, snd
+from hias_nb.model_selection import COVERAGE_THRESHOLD, LabelFreeScores, agreement, rank_correlations, snd
 
 
 def _probs(seed: int, shape=(2, 4, 5, 6), sharp: float = 3.0) -> torch.Tensor:
@@ -126,3 +126,38 @@ def test_label_free_table_ranks_each_score_in_its_better_direction():
     assert t["rank_miou"].tolist() == [3, 1, 2]
     assert t["rank_entropy"].tolist() == [3, 1, 2]  # lower entropy ranks first
     assert t["rank_coverage@0.9"].tolist() == [3, 1, 2] and t["rank_snd"].tolist() == [2, 3, 1]
+
+
+def _spearman_direct(x: list[float], y: list[float]) -> float:
+    """Pearson's r of average ranks, each rank counted by a loop (ties share their mean rank)."""
+
+    def ranks(v: list[float]) -> list[float]:
+        return [sum(o < a for o in v) + (sum(o == a for o in v) + 1) / 2 for a in v]
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
+def test_rank_correlations_against_hand_values():
+    import pandas as pd
+
+    nan = float("nan")
+    df = pd.DataFrame({
+        "seed": [0, 0, 0, 0, 1, 1],
+        "miou": [10.0, 20.0, 30.0, 40.0, 15.0, 25.0],
+        "label_free_entropy": [0.4, 0.3, 0.1, 0.2, 0.5, 0.35],
+        "label_free_snd": [1.0, 2.0, 3.0, 4.0, 2.0, 1.5],  # a tie at 2.0
+        "label_free_agreement": [nan, nan, 0.9, 0.8, nan, 0.95],  # rounds only
+    })  # fmt: skip
+    t = rank_correlations(df).set_index("score")
+    # entropy ranks 5 3 1 2 6 4 against mIoU ranks 1 3 5 6 2 4: sum d^2 = 64, rho = 1 - 6*64/(6*35)
+    assert t.loc["entropy", "spearman"] == pytest.approx(1 - 6 * 64 / 210)
+    assert t.loc["snd", "spearman"] == pytest.approx(
+        _spearman_direct(df["label_free_snd"].tolist(), df["miou"].tolist())
+    )
+    assert t.loc["agreement", "spearman"] == pytest.approx(-1.0) and t.loc["agreement", "n"] == 3
+    # regret: entropy picks 30 (best 40) and 25 (best 25); snd 40 and 15 (best 25); agreement 30 (of 30, 40) and 25
+    assert t["regret"].to_dict() == pytest.approx({"entropy": 5.0, "snd": 5.0, "agreement": 5.0})
+    assert t["seeds"].tolist() == [2, 2, 2] and t.loc["entropy", "n"] == 6
