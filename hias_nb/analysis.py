@@ -26,6 +26,7 @@ from hias_nb.classes import CITYSCAPES_PALETTE, IGNORE, colorize
 from hias_nb.data import SegDataset, list_manifests, load_manifest
 from hias_nb.errors import InputError
 from hias_nb.evaluate import EvalResult, evaluate, predict_probs, stage_entry
+from hias_nb.model_selection import HIGHER_IS_BETTER
 from hias_nb.pseudo_label import summary_table
 from hias_nb.train import load_model
 
@@ -55,6 +56,9 @@ __all__ = [
     "checkpoint_predictions",
     "gap_table",
     "student_teacher_table",
+    "GTA5_CITYSCAPES",
+    "benchmark_calibration",
+    "hardest_classes",
     "label_free_table",
     # notebook 6
     "manifest_table",
@@ -363,6 +367,43 @@ def student_teacher_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["round", "teacher", "student"]).set_index("round")
 
 
+# Published GTA5 → Cityscapes figures (DeepLab-v2 / ResNet-101 from ImageNet weights) that toytown is calibrated
+# against: source-only, oracle and output-space adversarial adaptation (the warm-up's kind) from AdaptSegNet
+# (Tsai et al., CVPR 2018, Table 1), HIAST's final result (Zhu et al., TPAMI 2025).
+GTA5_CITYSCAPES: dict[str, float] = {"source_only": 36.6, "warmup": 42.4, "final": 56.3, "oracle": 65.1}
+
+
+def benchmark_calibration(report: dict, reference: Mapping[str, float] = GTA5_CITYSCAPES) -> pd.DataFrame:
+    """A demo's stage statistics beside a reference benchmark's (default `GTA5_CITYSCAPES`): one row per
+    statistic, columns ``toytown`` and ``reference``.
+
+    Rows: ``source_only``, ``warmup``, ``final`` (the last round's teacher), ``oracle`` (mIoU);
+    ``source/oracle``; ``gain`` (final − source-only); ``warmup_share`` ((warm-up − source-only) / gain) and
+    ``rounds_share`` ((final − warm-up) / gain); ``rounds_gain`` (final − warm-up); ``gap_closed`` (gain /
+    (oracle − source-only)). A stage the report lacks gives NaN in its rows."""
+    miou = {s["name"]: s["miou"] for s in report["stages"]}
+    rounds = [n for n in miou if n.startswith("round_")]
+    ours = {"source_only": miou.get("source_only"), "warmup": miou.get("warmup"),
+            "final": miou[rounds[-1]] if rounds else None, "oracle": miou.get("oracle")}  # fmt: skip
+
+    def stats(m: Mapping[str, float | None]) -> dict[str, float]:
+        src, wu, fin, orc = (float("nan") if m[k] is None else float(m[k]) for k in ours)
+        gain = fin - src
+        return {"source_only": src, "warmup": wu, "final": fin, "oracle": orc, "source/oracle": src / orc,
+                "gain": gain, "warmup_share": (wu - src) / gain, "rounds_share": (fin - wu) / gain,
+                "rounds_gain": fin - wu, "gap_closed": gain / (orc - src)}  # fmt: skip
+
+    return pd.DataFrame({"toytown": stats(ours), "reference": stats(reference)})
+
+
+def hardest_classes(report: dict, n: int = 5) -> list[str]:
+    """The `n` classes with the lowest IoU in the final stage (the last round's teacher, else the last stage)."""
+    stages = report["stages"]
+    rounds = [s for s in stages if s["name"].startswith("round_")]
+    final = (rounds or [s for s in stages if s["name"] != "oracle"])[-1]
+    return sorted(final["per_class"], key=lambda c: final["per_class"][c])[:n]
+
+
 def label_free_table(report: dict) -> pd.DataFrame:
     """Per evaluated model (stages, then students): its mIoU beside its label-free scores (``label_free`` of
     report.json, `hias_nb.model_selection`), and each score's rank in the direction that predicts a better model
@@ -370,7 +411,7 @@ def label_free_table(report: dict) -> pd.DataFrame:
     rows = [{"model": s["name"], "miou": s["miou"], **s.get("label_free", {})}
             for s in [*report["stages"], *report.get("students", [])]]  # fmt: skip
     df = pd.DataFrame(rows).set_index("model")
-    higher_better = {"miou": True, "entropy": False, "snd": True, "agreement": True}
+    higher_better = {"miou": True, **HIGHER_IS_BETTER}
     for col in df.columns:
         better = higher_better.get(col, col.startswith("coverage"))
         df[f"rank_{col}"] = df[col].rank(ascending=not better, method="min")

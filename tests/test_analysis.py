@@ -208,6 +208,25 @@ def test_gap_and_student_teacher_tables():
     assert st.loc["round_1"].tolist() == [50.0, 48.0]
 
 
+def test_benchmark_calibration_and_hardest_classes_by_hand():
+    pc = {"road": 90.0, "pole": 10.0, "car": 50.0, "bus": 5.0}
+    report = {"stages": [{"name": "source_only", "miou": 20.0}, {"name": "source_only_adabn", "miou": 24.0},
+                         {"name": "warmup", "miou": 30.0}, {"name": "round_1", "miou": 35.0},
+                         {"name": "round_2", "miou": 40.0, "per_class": pc},
+                         {"name": "oracle", "miou": 60.0, "per_class": {**pc, "bus": 1.0}}]}  # fmt: skip
+    t = analysis.benchmark_calibration(report)
+    ours = t["toytown"].to_dict()
+    assert ours == pytest.approx({"source_only": 20.0, "warmup": 30.0, "final": 40.0, "oracle": 60.0,
+                                  "source/oracle": 1 / 3, "gain": 20.0, "warmup_share": 0.5, "rounds_share": 0.5,
+                                  "rounds_gain": 10.0, "gap_closed": 0.5})  # fmt: skip
+    ref = t["reference"]  # GTA5 → Cityscapes: 36.6 source-only, 42.4 warm-up, 56.3 final, 65.1 oracle
+    assert ref["source/oracle"] == pytest.approx(36.6 / 65.1) and ref["gap_closed"] == pytest.approx(19.7 / 28.5)
+    assert ref["warmup_share"] == pytest.approx(5.8 / 19.7) and ref["rounds_gain"] == pytest.approx(13.9)
+    no_oracle = analysis.benchmark_calibration({"stages": report["stages"][:4]})["toytown"]
+    assert no_oracle["final"] == 35.0 and np.isnan(no_oracle["gap_closed"]) and no_oracle["rounds_gain"] == 5.0
+    assert analysis.hardest_classes(report, 2) == ["bus", "pole"]  # the last round's, not the oracle's
+
+
 def test_stage_checkpoints_order(tmp_path):
     for rel in ("source_only/model_final.pt", "round_2/train/teacher_final.pt", "round_10/train/teacher_final.pt",
                 "round_2/train/student_final.pt", "oracle/model_final.pt"):  # fmt: skip
