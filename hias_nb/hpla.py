@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from hias_nb.classes import IGNORE
 from hias_nb.errors import InputError
 
-__all__ = ["MODES", "hard_classes", "donor_lists", "Draw", "HPLA"]
+__all__ = ["MODES", "hard_classes", "donor_lists", "drawable_classes", "draw_probabilities", "Draw", "HPLA"]
 
 MODES: tuple[str, ...] = ("reference", "intended")
 
@@ -123,6 +123,30 @@ def donor_lists(
     return lists
 
 
+def drawable_classes(
+    hard: torch.Tensor | Sequence[int], probs: torch.Tensor | Sequence[float], donors: Mapping[int, Sequence[str]]
+) -> list[int]:
+    """The hard classes a draw can pick (B4): those with at least one donor image and a non-zero probability,
+    in the order of `hard`. A hard class without donors (no image keeps enough of its pixels, e.g. a class
+    with no pseudo-labelled pixel, whose class value 0 gives it the largest weight) is never drawn."""
+    p = _float64_cpu(probs).flatten()
+    return [int(c) for c in torch.as_tensor(hard).flatten().tolist() if donors.get(int(c)) and float(p[int(c)]) > 0]
+
+
+def draw_probabilities(
+    hard: torch.Tensor | Sequence[int], probs: torch.Tensor | Sequence[float], donors: Mapping[int, Sequence[str]]
+) -> torch.Tensor:
+    """float64 ``[C]``: the probability with which HPLA's first draw picks each class — ``probs`` (from
+    `hard_classes`) restricted to the `drawable_classes` and renormalised, 0 elsewhere; all 0 when no class is
+    drawable (nothing is pasted). This, not ``probs``, is what ``HPLA`` samples from (docs/method.md §3.2, B4)."""
+    p = _float64_cpu(probs).flatten()
+    out = torch.zeros_like(p)
+    drawable = drawable_classes(hard, p, donors)
+    if drawable:
+        out[drawable] = p[drawable] / p[drawable].sum()
+    return out
+
+
 @dataclass(frozen=True)
 class Draw:
     """One paste of an HPLA call: the drawn hard class, the donor image and the hard classes it pasted."""
@@ -182,9 +206,7 @@ class HPLA:
         self.max_donors = max_donors
         self.generator = generator
         self.last_draws: list[Draw] = []
-        hard_list = self.hard.tolist()
-        # B4: a hard class can be drawn only if it has donors and a non-zero probability.
-        self.eligible: list[int] = [c for c in hard_list if self.donors.get(c) and float(self.probs[c]) > 0]
+        self.eligible: list[int] = drawable_classes(self.hard, self.probs, self.donors)  # B4
 
     def _draw_class(self, candidates: list[int]) -> int:
         """A class from ``probs`` restricted and renormalised to ``candidates`` (docs/method.md §3.2)."""

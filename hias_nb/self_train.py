@@ -50,6 +50,7 @@ __all__ = [
     "HPLATarget",
     "check_pseudo_origin",
     "build_hpla",
+    "hpla_inputs",
     "round_views",
     "hiast_step",
     "SelfTraining",
@@ -204,11 +205,20 @@ def build_hpla(
     generator: torch.Generator | None,
 ) -> HPLA:
     """HPLA for a round, fixed from the round's generation statistics (docs/method.md §3.1–3.3)."""
+    hard, probs, donors = hpla_inputs(pseudo_dir, num_hard, ignored, drop_fraction)
+    return HPLA(hard, probs, donors, target.load, mode=mode, generator=generator)
+
+
+def hpla_inputs(
+    pseudo_dir: str | Path, num_hard: int, ignored: tuple[int, ...], drop_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[str]]]:
+    """A round's hard classes ``[K]``, their probabilities ``[C]`` (`hard_classes`) and donor lists
+    (`donor_lists`), from its pseudo-label folder's statistics: what `build_hpla` and the notebooks use."""
     summary = load_pseudo_summary(pseudo_dir)
     hard, probs = hard_classes(np.asarray(summary["class_values"]), num_hard, ignored=ignored)
     raw = read_json(Path(pseudo_dir) / "donors.json")
     donors = donor_lists({int(c): [(n, int(k)) for n, k in v] for c, v in raw.items()}, drop_fraction)
-    return HPLA(hard, probs, donors, target.load, mode=mode, generator=generator)
+    return hard, probs, donors
 
 
 def round_views(

@@ -336,11 +336,20 @@ def pseudo_label_gallery(
 
 
 def class_value_bars(
-    class_values: Sequence[float], hard: Sequence[int], probs: Sequence[float], classes: Sequence[str]
+    class_values: Sequence[float],
+    hard: Sequence[int],
+    probs: Sequence[float],
+    classes: Sequence[str],
+    used: Sequence[float] | None = None,
+    donor_counts: Sequence[int] | None = None,
+    kept_pixels: Sequence[int] | None = None,
 ) -> Figure:
-    """Left: class values v_c (mean confidence of pseudo-labelled pixels), hard classes hatched. Right: the
-    HPLA sampling probability of each class, (1 - v)^2 normalised over the hard set."""
-    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    """Left: class values v_c (mean confidence of pseudo-labelled pixels), hard classes hatched, classes with no
+    kept pixel marked "no px" (their value 0 makes them the hardest). Right: HPLA's class probabilities — the
+    formula's (1 − v)² normalised over the hard set as outlines and, filled, the probabilities a draw actually
+    uses (`hias_nb.hpla.draw_probabilities`: hard classes without donors dropped, the rest renormalised; pass
+    `used`), hard classes with no donor marked "0 donors". Without `used` the formula's bars are filled."""
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     x = np.arange(len(classes))
     colours = _class_colours(classes)
@@ -349,12 +358,26 @@ def class_value_bars(
     for c, bar in enumerate(bars):
         if c in hard:
             bar.set_hatch("//")
+    for c, n in enumerate(kept_pixels if kept_pixels is not None else []):
+        if n == 0:
+            ax1.text(c, 0.02, "no px", rotation=90, ha="center", va="bottom", fontsize=8, color="crimson")
     ax1.set_ylim(0, 1)
     ax1.set_ylabel("class value v_c")
     ax1.set_title(f"Class values; hatched: the {len(hard)} hard classes")
-    ax2.bar(x, probs, color=colours, edgecolor="k", lw=0.4)
-    ax2.set_ylabel("sampling probability")
-    ax2.set_title("HPLA class sampling probabilities (1 − v)² / Σ_hard")
+    if used is None:
+        ax2.bar(x, probs, color=colours, edgecolor="k", lw=0.4)
+        ax2.set_title("HPLA class sampling probabilities (1 − v)² / Σ_hard")
+    else:
+        ax2.bar(x, used, color=colours, edgecolor="k", lw=0.4, label="used by a draw")
+        ax2.bar(x, probs, fill=False, edgecolor="k", lw=0.8, ls="--", label="(1 − v)² / Σ_hard")
+        ax2.legend(loc="upper right", fontsize=8)
+        ax2.set_title("HPLA: probability a draw picks each class")
+    top = max([*probs, *(used if used is not None else [])], default=0.0)
+    for c, n in enumerate(donor_counts if donor_counts is not None else []):
+        if c in hard and n == 0:
+            ax2.text(c, 0.02 * max(top, 1e-9), "0 donors", rotation=90, ha="center", va="bottom", fontsize=8,
+                     color="crimson")  # fmt: skip
+    ax2.set_ylabel("probability")
     for ax in (ax1, ax2):
         ax.set_xticks(x, list(classes), rotation=60, ha="right")
         ax.grid(axis="y", alpha=0.3)

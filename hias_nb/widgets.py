@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from hias_nb import analysis, losses, viz
-from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
+from hias_nb.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE
 from hias_nb.config import config_to_dict, load_config
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA, Draw
@@ -48,6 +50,7 @@ __all__ = [
     "HPLASample",
     "hpla_preview",
     "hpla_preview_figure",
+    "describe_ops",
     "HPLAPreview",
     "loss_weights",
     "LossMapExplorer",
@@ -255,16 +258,39 @@ def hpla_preview(
     )
 
 
+def describe_ops(ops: Sequence[tuple[str, dict]]) -> str:
+    """The strong view's operations as a reader wants them under the image, in the order applied:
+    ``[("random_contrast", {"alpha": 3.6}), ("solarize", {"threshold": 128})]`` → ``"contrast ×3.6, solarize ≥128"``."""
+
+    def one(name: str, p: dict) -> str:
+        if name == "color_jitter":
+            return (f"jitter b×{p['brightness']:.2f} c×{p['contrast']:.2f} s×{p['saturation']:.2f} "
+                    f"hue{p['hue']:+.2f}")  # fmt: skip
+        if name == "random_brightness":
+            return f"brightness {p['beta']:+.2f}"
+        if name == "random_contrast":
+            return f"contrast ×{p['alpha']:.2f}"
+        if name == "solarize":
+            return f"solarize ≥{p['threshold']}"
+        if name == "posterize":
+            return f"posterize {p['bits']} bits"
+        if name == "gaussian_blur":
+            return f"blur {p['ksize']} px σ {p['sigma']:.1f}" if "sigma" in p else f"blur {p['ksize']} px"
+        return name.replace("to_gray", "grey").replace("_", " ")
+
+    return ", ".join(one(n, p) for n, p in ops) or "no operation fired"
+
+
 def hpla_preview_figure(sample: HPLASample, classes: Sequence[str] = CITYSCAPES_CLASSES) -> Figure:
     """Top row: donor, recipient, result, provenance (pasted class colours); bottom row: their pseudo-labels,
     the weak view (teacher) and the strong view (student) with the operations that fired."""
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    fig = Figure(figsize=(14, 5.0), layout="constrained")
     axes = fig.subplots(2, 4)
     donor = (
         sample.donors[0] if sample.donors else ("(no donor)", sample.recipient * 0, sample.recipient_label * 0 + IGNORE)
     )
     drawn = ", ".join(f"{classes[d.cls]} from {d.donor}" for d in sample.draws) or "nothing drawn"
-    ops = ", ".join(name for name, _ in sample.strong_ops) or "none"
+    ops = describe_ops(sample.strong_ops)
     panels = [
         (f"donor {donor[0]}", donor[1]),
         (f"recipient {sample.recipient_name}", sample.recipient),
@@ -273,13 +299,18 @@ def hpla_preview_figure(sample: HPLASample, classes: Sequence[str] = CITYSCAPES_
         ("donor pseudo-label", analysis.overlay(donor[1], donor[2], 0.7)),
         ("recipient pseudo-label", analysis.overlay(sample.recipient, sample.recipient_label, 0.7)),
         ("weak view (teacher)", sample.weak),
-        (f"strong view (student): {ops}", sample.strong),
+        ("strong view (student)", sample.strong),
     ]
     for ax, (title, data) in zip(axes.ravel(), panels, strict=True):
         ax.imshow(data, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+    axes[1, 3].set_xlabel(textwrap.fill(ops, 40), fontsize=8)  # a near-black view is explained by its operations
+    pasted = sorted({c for d in sample.draws for c in d.pasted})
+    if pasted:
+        handles = [Patch(color=np.asarray(CITYSCAPES_PALETTE[c]) / 255, label=classes[c]) for c in pasted]
+        axes[0, 3].legend(handles=handles, fontsize=7, loc="lower left", framealpha=0.8)
     fig.suptitle(f"HPLA: drew {drawn}; pasted {', '.join(classes[c] for d in sample.draws for c in d.pasted)}",
                  fontsize=9)  # fmt: skip
     return fig

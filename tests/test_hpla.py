@@ -8,7 +8,7 @@ import torch
 
 from hias_nb.classes import SYNTHIA_IGNORED
 from hias_nb.errors import InputError
-from hias_nb.hpla import HPLA, donor_lists, hard_classes
+from hias_nb.hpla import HPLA, donor_lists, draw_probabilities, drawable_classes, hard_classes
 
 IGN = 255
 
@@ -222,6 +222,24 @@ def test_class_without_donors_is_never_drawn():
         for _ in range(30):
             hpla(torch.zeros(3, 8, 8, dtype=torch.uint8), torch.full((8, 8), IGN))
             assert hpla.last_draws and all(d.cls in (1, 2) for d in hpla.last_draws)
+
+
+def test_draw_probabilities_are_what_hpla_samples():
+    # class 0 (value 0: no pseudo-labelled pixel) has the largest weight but no donor, so it is never drawn
+    hard, probs = hard_classes([0.0, 0.4, 0.6, 0.95], num_hard=3)  # weights 1, 0.36, 0.16 over classes 0, 1, 2
+    donors, store = _one_class_donors([1, 2, 3])
+    assert drawable_classes(hard, probs, donors) == [1, 2]
+    used = draw_probabilities(hard, probs, donors)
+    assert used.tolist() == pytest.approx([0.0, 0.36 / 0.52, 0.16 / 0.52, 0.0])
+    assert draw_probabilities(hard, probs, {}).tolist() == [0.0] * 4  # nothing drawable
+    hpla = HPLA(hard, probs, donors, store, generator=torch.Generator().manual_seed(3))
+    n, counts = 3000, torch.zeros(4)
+    for _ in range(n):
+        hpla(torch.zeros(3, 8, 8, dtype=torch.uint8), torch.full((8, 8), IGN))
+        counts[hpla.last_draws[0].cls] += 1
+    for c in range(4):  # within 4 binomial standard deviations of the used probability
+        p = float(used[c])
+        assert abs(counts[c] / n - p) <= 4 * (p * (1 - p) / n) ** 0.5 + 1e-12
 
 
 def test_no_eligible_class_returns_inputs_unchanged():

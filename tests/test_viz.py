@@ -126,6 +126,18 @@ def test_class_value_bars_hatch_hard_classes():
     np.testing.assert_allclose([bar.get_height() for bar in fig.axes[1].patches], [0.6, 0.4, 0, 0, 0])
 
 
+def test_class_value_bars_show_the_used_probabilities_and_name_what_is_dropped():
+    values = [0.0, 0.5, 0.8, 0.9]
+    fig = viz.class_value_bars(values, [0, 1], [0.8, 0.2, 0, 0], ["a", "b", "c", "d"], used=[0, 1, 0, 0],
+                               donor_counts=[0, 4, 3, 2], kept_pixels=[0, 50, 80, 90])  # fmt: skip
+    filled = [b for b in fig.axes[1].patches if b.get_fill()]
+    outline = [b for b in fig.axes[1].patches if not b.get_fill()]
+    assert [b.get_height() for b in filled] == [0, 1, 0, 0] and [b.get_height() for b in outline] == [0.8, 0.2, 0, 0]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["no px"] and fig.axes[0].texts[0].get_position()[0] == 0
+    assert [t.get_text() for t in fig.axes[1].texts] == ["0 donors"] and fig.axes[1].texts[0].get_position()[0] == 0
+    assert fig.axes[1].get_legend() is not None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Notebook 4
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hias_nb import analysis, widgets
-from hias_nb.classes import IGNORE
+from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA
@@ -107,6 +107,22 @@ def test_hpla_preview_arrays_are_consistent(argmax_dir, pseudo_dir, tiny_toytown
     np.testing.assert_array_equal(s.weak_label, views.label[0].numpy())
     np.testing.assert_array_equal(s.weak_provenance, views.provenance[0].numpy())
     assert s.strong_ops == views.strong_ops[0]
+    fig = widgets.hpla_preview_figure(s)  # the strong view's operations under it, the pasted classes' legend
+    assert fig.axes[7].get_xlabel().replace("\n", " ") == widgets.describe_ops(s.strong_ops)
+    legend = [t.get_text() for t in fig.axes[3].get_legend().get_texts()]
+    assert legend == [CITYSCAPES_CLASSES[c] for c in sorted({c for d in s.draws for c in d.pasted})]
+
+
+def test_describe_ops_by_hand():
+    ops = [("random_contrast", {"alpha": 3.6}), ("solarize", {"threshold": 128}), ("to_gray", {}),
+           ("color_jitter", {"brightness": 0.84, "contrast": 1.2, "saturation": 0.9, "hue": -0.15, "order": ()}),
+           ("gaussian_blur", {"ksize": 5, "sigma": 1.25}), ("posterize", {"bits": 4}), ("equalize", {}),
+           ("random_brightness", {"beta": -0.36})]  # fmt: skip
+    assert widgets.describe_ops(ops) == (
+        "contrast ×3.60, solarize ≥128, grey, jitter b×0.84 c×1.20 s×0.90 hue-0.15, blur 5 px σ 1.2, "
+        "posterize 4 bits, equalize, brightness -0.36"
+    )
+    assert widgets.describe_ops([]) == "no operation fired"
 
 
 def test_hpla_preview_widget_controls(argmax_dir, tiny_toytown):
