@@ -49,7 +49,8 @@ __all__ = [
     "loss_map_figure",
     "ablation_plot",
     # notebook 5
-    "confusion_figure",
+    "confusion_panel",
+    "row_normalised",
     "prediction_gallery",
 ]
 
@@ -442,24 +443,39 @@ def ablation_plot(df: pd.DataFrame, stage: str | None = None) -> Figure:
 # Notebook 5: stages side by side
 
 
-def confusion_figure(matrices: dict[str, np.ndarray], classes: Sequence[str]) -> Figure:
-    """Row-normalised confusion matrices (recall per ground-truth class on the diagonal), one panel per stage."""
-    n = len(matrices)
-    fig = Figure(figsize=(4.6 * n, 4.8), layout="constrained")
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    im = None
-    for ax, (name, m) in zip(axes, matrices.items(), strict=True):
-        rows = m.sum(1, keepdims=True)
-        norm = np.divide(m, rows, out=np.zeros(m.shape, dtype=np.float64), where=rows > 0)
-        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(len(classes)), list(classes), rotation=90, fontsize=6)
-        ax.set_yticks(range(len(classes)), list(classes), fontsize=6)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("ground truth")
-        ax.set_title(name, fontsize=10)
-    if im is not None:
-        fig.colorbar(im, ax=list(axes), shrink=0.7, label="share of the ground-truth class")
-    fig.suptitle("Confusion matrices on the target validation split (rows sum to 1)", fontsize=10)
+def row_normalised(m: np.ndarray) -> np.ndarray:
+    """A confusion matrix ``[C,C]`` (rows: ground truth) with each row divided by its sum (empty rows stay 0)."""
+    rows = m.sum(1, keepdims=True)
+    return np.divide(m, rows, out=np.zeros(m.shape, dtype=np.float64), where=rows > 0)
+
+
+def confusion_panel(
+    matrix: np.ndarray, classes: Sequence[str], title: str, reference: np.ndarray | None = None
+) -> Figure:
+    """One row-normalised confusion matrix, readable at a notebook's width, shares ≥ 0.05 written in the cells;
+    with `reference`, the difference ``matrix − reference`` (both row-normalised) on a diverging scale: blue
+    on the diagonal is recall gained, red off it is confusion added."""
+    norm = row_normalised(matrix)
+    fig = Figure(figsize=(8.2, 7.2), layout="constrained")
+    ax = fig.subplots()
+    if reference is None:
+        shown, cmap, lo, hi, label = norm, "Blues", 0.0, 1.0, "share of the ground-truth class"
+    else:
+        shown = norm - row_normalised(reference)
+        hi = max(0.05, float(np.abs(shown).max()))
+        shown, cmap, lo, label = -shown * (1 - 2 * np.eye(len(classes))), "RdBu", -hi, "gain (blue) / loss (red)"
+    im = ax.imshow(shown, cmap=cmap, vmin=lo, vmax=hi)
+    values = norm if reference is None else norm - row_normalised(reference)
+    for i, j in zip(*np.nonzero(np.abs(values) >= 0.05), strict=True):
+        strong = abs(shown[i, j]) > 0.6 * hi
+        ax.text(j, i, f"{100 * values[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                color="white" if strong else "black")  # fmt: skip
+    ax.set_xticks(range(len(classes)), list(classes), rotation=90, fontsize=8)
+    ax.set_yticks(range(len(classes)), list(classes), fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     return fig
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "hpla_preview",
     "hpla_preview_figure",
     "describe_ops",
+    "ConfusionPicker",
     "HPLAPreview",
     "loss_weights",
     "LossMapExplorer",
@@ -382,6 +383,43 @@ class HPLAPreview:
         pasted = float((self.sample.provenance != IGNORE).mean())
         self.info.value = f"{len(self.sample.draws)} donor(s); {100 * pasted:.1f}% of the pixels pasted"
         return self.sample
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Confusion matrices
+
+
+class ConfusionPicker:
+    """One confusion matrix at a time: pick a stage, and optionally another to subtract (e.g. the last round −
+    the warm-up: what the rounds changed). `matrices`: ``{stage: [C,C] counts}`` (`analysis.stage_confusions`);
+    the picker starts on the last stage against the warm-up when both exist."""
+
+    NONE = "(none)"
+
+    def __init__(self, matrices: dict[str, np.ndarray], classes: Sequence[str]) -> None:
+        self.matrices, self.classes = matrices, list(classes)
+        names = list(matrices)
+        rounds = [n for n in names if n.startswith("round_")]
+        start = rounds[-1] if rounds else names[-1]
+        ref = "warmup" if "warmup" in names and start != "warmup" else self.NONE
+        self.stage = W.Dropdown(options=names, value=start, description="stage")
+        self.minus = W.Dropdown(options=[self.NONE, *names], value=ref, description="minus")
+        self.image = _image_widget()
+        self.draw()
+        for w in (self.stage, self.minus):
+            w.observe(lambda _c: self.draw(), names="value")
+        self.widget = W.VBox([W.HBox([self.stage, self.minus]), self.image])
+
+    def figure(self) -> Figure:
+        """The panel for the current choice (`viz.confusion_panel`)."""
+        name, minus = self.stage.value, self.minus.value
+        if minus in (self.NONE, name):
+            return viz.confusion_panel(self.matrices[name], self.classes, f"{name} (rows sum to 100 %)")
+        return viz.confusion_panel(self.matrices[name], self.classes, f"{name} − {minus}, points of each row",
+                                   reference=self.matrices[minus])  # fmt: skip
+
+    def draw(self) -> None:
+        self.image.value = figure_png(self.figure(), dpi=80)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -176,12 +176,17 @@ def test_ablation_plot_shows_every_seed():
 # Notebook 5
 
 
-def test_confusion_figure_rows_sum_to_one():
-    m = np.array([[3, 1, 0], [0, 0, 0], [2, 2, 4]])
-    fig = viz.confusion_figure({"a": m, "b": m.T}, ["x", "y", "z"])
-    shown = np.asarray(fig.axes[0].images[0].get_array())
-    np.testing.assert_allclose(shown, [[0.75, 0.25, 0], [0, 0, 0], [0.25, 0.25, 0.5]])
-    assert [ax.get_title() for ax in fig.axes[:2]] == ["a", "b"]
+def test_confusion_panel_one_matrix_and_a_difference_coloured_by_benefit():
+    m, ref = np.array([[8, 2], [0, 0]]), np.array([[4, 6], [0, 0]])
+    fig = viz.confusion_panel(m, ["x", "y"], "a")
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), [[0.8, 0.2], [0, 0]])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["80", "20"] and fig.axes[0].get_title() == "a"
+    diff = viz.confusion_panel(m, ["x", "y"], "a − b", reference=ref)
+    # recall up 40 points on the diagonal and confusion down 40 off it: both benefits, both drawn positive (blue)
+    np.testing.assert_allclose(diff.axes[0].images[0].get_array(), [[0.4, 0.4], [0, 0]])
+    assert [t.get_text() for t in diff.axes[0].texts] == ["40", "-40"]
+    worse = viz.confusion_panel(ref, ["x", "y"], "b − a", reference=m)
+    np.testing.assert_allclose(worse.axes[0].images[0].get_array(), [[-0.4, -0.4], [0, 0]])
 
 
 def test_prediction_gallery_panels(tiny_toytown, model_ckpt):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hias_nb import analysis, widgets
+from hias_nb import analysis, viz, widgets
 from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
@@ -201,3 +201,17 @@ def test_train_source_live_draws_curve_and_finishes(tiny_toytown, tmp_path):
     assert len(out.outputs) == 1  # cleared and redrawn after each chunk
     with pytest.raises(InputError):
         widgets.train_source_live(cfg, chunk=0)
+
+
+def test_confusion_picker_starts_on_the_rounds_change_and_follows_its_controls():
+    rng = np.random.default_rng(0)
+    mats = {n: rng.integers(0, 50, (3, 3)) for n in ("source_only", "warmup", "round_1", "round_2")}
+    p = widgets.ConfusionPicker(mats, ["a", "b", "c"])
+    assert (p.stage.value, p.minus.value) == ("round_2", "warmup")
+    expected = viz.confusion_panel(mats["round_2"], ["a", "b", "c"], "round_2 − warmup, points of each row",
+                                   reference=mats["warmup"])  # fmt: skip
+    assert p.image.value == widgets.figure_png(expected, dpi=80)
+    p.minus.value = p.NONE
+    p.stage.value = "source_only"
+    plain = viz.confusion_panel(mats["source_only"], ["a", "b", "c"], "source_only (rows sum to 100 %)")
+    assert p.image.value == widgets.figure_png(plain, dpi=80)
