@@ -49,6 +49,9 @@ __all__ = [
     "ABLATION_COLUMNS",
     "load_ablation",
     "ablation_summary",
+    "VARIANT_NOTES",
+    "ablation_differences",
+    "difference_summary",
     # notebook 5
     "stage_checkpoints",
     "stage_confusions",
@@ -281,6 +284,54 @@ def ablation_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Mean, standard deviation and number of seeds of the mIoU per (variant, stage), in first-seen order."""
     g = df.groupby(["variant", "stage"], sort=False)["miou"]
     return pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "seeds": g.count()})
+
+
+# What each variant is, for tables and figure legends (hias_nb.ablation.VARIANTS holds their settings).
+VARIANT_NOTES: dict[str, str] = {
+    "full": "the method as the demo runs it",
+    "cbst": "CBST selector instead of IAS",
+    "constant": "one constant threshold instead of IAS",
+    "none": "every pixel kept (no selection)",
+    "no_hpla": "without hard-class copy-paste",
+    "no_rar": "without region regularisation (λc = λi = 0)",
+    "no_consistency": "without the consistency term (λcst = 0)",
+    "no_strong": "student sees the weak view, not the strong one",
+    "no_warmup": "round 1 from the AdaBN source model",
+    "warmup": "the warm-up itself: no round at all",
+    "control_adabn": "equal compute as source training, BN re-estimated",
+}
+
+
+def ablation_differences(df: pd.DataFrame, baseline: str = "full") -> pd.DataFrame:
+    """Paired differences of an ablation's long table: per seed, each variant's final mIoU (its last round)
+    minus the `baseline` variant's final mIoU on the same seed. Two references come as rows too: ``warmup``
+    (the shared warm-up: what the rounds add, negated) and ``control_adabn`` (the equal-compute control). Columns
+    ``variant, seed, diff``; a seed without the baseline is left out."""
+    finals: dict[tuple[str, int], float] = {}
+    for (variant, seed), g in df.groupby(["variant", "seed"], sort=False):
+        rounds = g[g["stage"].str.match(r"round_\d+$")]
+        if len(rounds):
+            finals[(variant, seed)] = float(rounds["miou"].iloc[-1])
+        for ref in ("warmup", "control_adabn"):
+            if ref in set(g["stage"]):
+                finals.setdefault((ref, seed), float(g.loc[g["stage"] == ref, "miou"].iloc[0]))
+    rows = [{"variant": v, "seed": s, "diff": m - finals[(baseline, s)]}
+            for (v, s), m in finals.items() if v != baseline and (baseline, s) in finals]  # fmt: skip
+    return pd.DataFrame(rows, columns=["variant", "seed", "diff"])
+
+
+def difference_summary(diffs: pd.DataFrame) -> pd.DataFrame:
+    """`ablation_differences` per variant: ``mean``, ``std`` (over seeds, ddof 1), ``seeds``, ``min``, ``max``,
+    ``sign`` ("full better on every seed", "variant better on every seed" or "mixed": whether the seeds agree,
+    the only verdict a handful of seeds supports) and what the variant is (``VARIANT_NOTES``)."""
+    g = diffs.groupby("variant", sort=False)["diff"]
+    out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "seeds": g.count(), "min": g.min(), "max": g.max()})
+    out["sign"] = [
+        "full better on every seed" if hi < 0 else "variant better on every seed" if lo > 0 else "mixed"
+        for lo, hi in zip(out["min"], out["max"], strict=True)
+    ]
+    out["what"] = [VARIANT_NOTES.get(v, "") for v in out.index]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -417,25 +417,37 @@ def loss_map_figure(maps: dict, index: int = 0, weights: dict[str, float] | None
     return fig
 
 
-def ablation_plot(df: pd.DataFrame, stage: str | None = None) -> Figure:
-    """Seaborn bars of the mean mIoU per variant (hue: stage, or only `stage`) with every seed as a dot."""
-    import seaborn as sns
-
-    data = df if stage is None else df[df["stage"] == stage]
-    if data.empty:
-        raise InputError(f"ablation: no rows for stage {stage!r}; stages: {sorted(df['stage'].unique())}")
-    fig = Figure(figsize=(max(6, 1.1 * data["variant"].nunique() + 2), 4), layout="constrained")
-    ax = fig.subplots()
+def ablation_plot(diffs: pd.DataFrame) -> Figure:
+    """Paired differences of an ablation (`analysis.ablation_differences`): per variant its final mIoU minus the
+    full method's on the same seed — a bar at the mean, a dot per seed, the standard deviation as a whisker — so
+    a one-point effect is as visible as its spread. The full method is the line at 0; the equal-compute control
+    (``control_adabn``), when present, a dashed line; the ``warmup`` row is the start (minus the rounds' gain)."""
+    if diffs.empty:
+        raise InputError("ablation: no paired differences (does every seed have the full variant?)")
+    control = diffs[diffs["variant"] == "control_adabn"]
+    data = diffs[diffs["variant"] != "control_adabn"]
     order = list(dict.fromkeys(data["variant"]))
-    sns.barplot(data=data, x="variant", y="miou", hue="stage", order=order, errorbar=None, alpha=0.6, ax=ax)
-    sns.stripplot(data=data, x="variant", y="miou", hue="stage", order=order, dodge=True, palette="dark:k", size=4,
-                  legend=False, ax=ax)  # fmt: skip
-    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0))  # outside: seven stages would hide bars
-    ax.set_ylabel("mIoU (%)")
-    ax.set_xlabel("variant")
-    ax.set_title("Ablation on toytown: bars = mean over seeds, dots = single seeds")
-    ax.tick_params(axis="x", rotation=30)
-    ax.grid(axis="y", alpha=0.3)
+    fig = Figure(figsize=(8, 0.45 * len(order) + 1.6), layout="constrained")
+    ax = fig.subplots()
+    g = data.groupby("variant", sort=False)["diff"]
+    mean, std = g.mean().reindex(order), g.std(ddof=1).reindex(order).fillna(0)
+    y = np.arange(len(order))
+    colours = ["tab:blue" if m >= 0 else "tab:red" for m in mean]
+    ax.barh(y, mean, xerr=std, color=colours, alpha=0.45, capsize=3)
+    for i, v in enumerate(order):
+        d = data.loc[data["variant"] == v, "diff"].to_numpy()
+        ax.scatter(d, np.full(len(d), i), color="k", s=14, zorder=3)
+    ax.axvline(0, color="k", lw=1, label="full method")
+    if len(control):
+        ax.axvline(control["diff"].mean(), color="tab:purple", ls="--", lw=1.2,
+                   label=f"equal-compute control, BN re-estimated ({control['diff'].mean():+.1f})")  # fmt: skip
+    ax.set_yticks(y, order)
+    ax.invert_yaxis()
+    ax.set_xlabel("final mIoU minus the full method's, same seed (points)")
+    n = data["seed"].nunique()
+    ax.set_title(f"Ablation as paired differences: bar = mean, dots = {n} seed(s), whisker = std", fontsize=10)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
     return fig
 
 

@@ -291,3 +291,24 @@ def test_published_layout_loads_back(model_ckpt, tmp_path):
         torch.testing.assert_close(v, want[k])
     with pytest.raises(InputError):
         write_published_layout(out, tmp_path / "again.pth")  # not a hias_nb checkpoint
+
+
+def test_ablation_differences_pair_each_seed_with_the_full_method():
+    rows = []
+    for seed, (wu, full, cbst, ctl) in {0: (30.0, 35.0, 33.0, 31.0), 1: (32.0, 34.0, 36.0, 30.0)}.items():
+        for v, last in (("full", full), ("cbst", cbst)):
+            rows += [{"variant": v, "seed": seed, "stage": "warmup", "miou": wu},
+                     {"variant": v, "seed": seed, "stage": "round_1", "miou": 0.0},
+                     {"variant": v, "seed": seed, "stage": "round_2", "miou": last}]  # fmt: skip
+        rows += [{"variant": "control", "seed": seed, "stage": "control", "miou": 1.0},
+                 {"variant": "control", "seed": seed, "stage": "control_adabn", "miou": ctl}]  # fmt: skip
+    rows.append({"variant": "cbst", "seed": 2, "stage": "round_2", "miou": 50.0})  # no full run on seed 2
+    d = analysis.ablation_differences(pd.DataFrame(rows))
+    got = {(r.variant, r.seed): r.diff for r in d.itertuples()}
+    assert got == {("warmup", 0): -5.0, ("cbst", 0): -2.0, ("control_adabn", 0): -4.0,
+                   ("warmup", 1): -2.0, ("cbst", 1): 2.0, ("control_adabn", 1): -4.0}  # fmt: skip
+    s = analysis.difference_summary(d)
+    assert s.loc["cbst", "mean"] == 0.0 and s.loc["cbst", "std"] == pytest.approx(2 * 2**0.5)
+    assert s.loc["warmup", "seeds"] == 2 and s.loc["cbst", "what"] == analysis.VARIANT_NOTES["cbst"]
+    assert s["sign"].to_dict() == {"warmup": "full better on every seed", "cbst": "mixed",
+                                   "control_adabn": "full better on every seed"}  # fmt: skip

@@ -160,16 +160,20 @@ def test_loss_map_figure_panels():
     assert len([ax for ax in viz.loss_map_figure(maps).axes if ax.get_visible() and ax.images]) == 7  # no total
 
 
-def test_ablation_plot_shows_every_seed():
-    df = pd.DataFrame({"variant": ["hiast"] * 4 + ["no_hpla"] * 4, "seed": [0, 1] * 4,
-                       "stage": (["round_1"] * 2 + ["round_2"] * 2) * 2, "miou": np.arange(8.0) + 40})  # fmt: skip
-    ax = viz.ablation_plot(df).axes[0]
-    assert sum(len(c.get_offsets()) for c in ax.collections) == len(df)  # every seed is a dot
-    assert "mIoU" in ax.get_ylabel()
-    one = viz.ablation_plot(df, stage="round_2").axes[0]
-    assert sum(len(c.get_offsets()) for c in one.collections) == 4
-    with pytest.raises(InputError, match="round_9"):
-        viz.ablation_plot(df, stage="round_9")
+def test_ablation_plot_draws_paired_differences_with_every_seed():
+    diffs = pd.DataFrame({"variant": ["no_hpla"] * 2 + ["warmup"] * 2 + ["control_adabn"] * 2, "seed": [0, 1] * 3,
+                          "diff": [-1.0, 0.5, -3.0, -4.0, -2.0, -1.0]})  # fmt: skip
+    ax = viz.ablation_plot(diffs).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["no_hpla", "warmup"]  # the control is a line
+    bars = [p.get_width() for p in ax.patches]
+    assert bars == pytest.approx([-0.25, -3.5])
+    from matplotlib.collections import PathCollection
+
+    dots = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert sum(len(c.get_offsets()) for c in dots) == 4  # every seed of every row is a dot
+    assert [ln.get_xdata()[0] for ln in ax.lines if ln.get_linestyle() == "--"] == [-1.5]
+    with pytest.raises(InputError, match="no paired differences"):
+        viz.ablation_plot(diffs.iloc[:0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
