@@ -398,10 +398,18 @@ def loss_map_figure(maps: dict, index: int = 0, weights: dict[str, float] | None
         ("strong view (student)", strong, None),
         ("pseudo-label", overlay(weak, maps["label"][index], 0.7), None),
     ]
-    panels += [(f"{t} ({maps['scalars'][t]:.3f})", maps[t][index] * 1e6, "magma") for t in LOSS_TERMS]
+    for t in LOSS_TERMS:
+        value = maps["scalars"][t]
+        if weights is None:
+            panels.append((f"{t}: {value:.3f} (unweighted)", maps[t][index] * 1e6, "magma"))
+        elif weights.get(t, 0.0) == 0:  # left out of the total: drawn grey, so it does not read as a part of it
+            panels.append((f"{t}: off (λ 0; unweighted {value:.3f})", maps[t][index] * 1e6, "Greys"))
+        else:
+            lam = weights[t]
+            panels.append((f"{t}: {value:.3f} × λ {lam:g} = {lam * value:.3f}", maps[t][index] * 1e6, "magma"))
     if weights is not None:
         total = total_loss_map(maps, weights)
-        panels.append((f"total ({float(total.sum()):.3f})", total[index] * 1e6, "viridis"))
+        panels.append((f"total Σ λ·term = {float(total.sum()):.3f}", total[index] * 1e6, "viridis"))
     fig = Figure(figsize=(12, 4.6), layout="constrained")
     axes = fig.subplots(2, 4).ravel()
     for ax, (title, data, cmap) in zip(axes, panels, strict=False):
@@ -412,7 +420,8 @@ def loss_map_figure(maps: dict, index: int = 0, weights: dict[str, float] | None
         _no_ticks(ax)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    title = "Per-pixel loss contributions (colour: value × 10⁶); each map sums over the batch to the term in brackets"
+    title = ("Per-pixel loss contributions (colour: value × 10⁶, unweighted); a term's map sums over the batch to its "
+             "value, the total's to Σ λ·term")  # fmt: skip
     fig.suptitle(title, fontsize=10)
     return fig
 

@@ -463,6 +463,7 @@ class LossMapExplorer:
         self.index = W.IntSlider(value=0, min=0, max=len(indices) - 1, description="image")
         self.image = _image_widget()
         self.total = np.zeros_like(self.maps["ce"])
+        self._pngs: dict[tuple, bytes] = {}
         self.redraw()
         for control in (*self.checks.values(), self.index):
             control.observe(lambda _c: self.redraw(), names="value")
@@ -476,7 +477,10 @@ class LossMapExplorer:
         """Recompute the weighted total map with the current checkboxes, redraw, and return it."""
         weights = self.active_weights()
         self.total = losses.total_loss_map(self.maps, weights)
-        self.image.value = figure_png(viz.loss_map_figure(self.maps, self.index.value, weights), dpi=80)
+        key = (self.index.value, *weights.values())
+        if key not in self._pngs:  # a figure takes a few hundred ms to draw; each choice is drawn once
+            self._pngs[key] = figure_png(viz.loss_map_figure(self.maps, self.index.value, weights), dpi=80)
+        self.image.value = self._pngs[key]
         return self.total
 
 

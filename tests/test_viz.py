@@ -153,7 +153,11 @@ def test_loss_map_figure_panels():
     shown = [ax for ax in fig.axes if ax.get_visible() and ax.images]
     assert len(shown) == 3 + len(LOSS_TERMS) + 1  # views, pseudo-label, four terms, total
     titles = [ax.get_title() for ax in shown]
-    assert f"ce ({maps['scalars']['ce']:.3f})" in titles
+    ce, kld = maps["scalars"]["ce"], maps["scalars"]["kld"]
+    assert f"ce: {ce:.3f} × λ 1 = {ce:.3f}" in titles and f"kld: {kld:.3f} × λ 0.1 = {0.1 * kld:.3f}" in titles
+    off = [ax for ax in shown if ax.get_title().startswith("entropy")][0]
+    assert off.get_title().startswith("entropy: off (λ 0") and off.images[0].get_cmap().name == "Greys"
+    assert shown[-1].get_title() == f"total Σ λ·term = {float((maps['ce'] + 0.1 * maps['kld']).sum()):.3f}"
     np.testing.assert_allclose(shown[3].images[0].get_array(), maps["ce"][1] * 1e6)  # image 1, ×1e6
     total = maps["ce"] + 0.1 * maps["kld"]
     np.testing.assert_allclose(shown[-1].images[0].get_array(), total[1] * 1e6)
