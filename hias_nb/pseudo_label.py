@@ -10,7 +10,8 @@ appended or mixed — docs/method.md B16):
   ``mean_conf_predicted``, ``mean_conf_selected`` and, where the split has labels (diagnostics only, never used
   for adaptation), ``gt_pixels`` and ``correct_selected``;
 - ``histograms.parquet``: sparse per-(image, class) counts of float16 confidence codes — enough to replay IAS for
-  any α, β, γ and instance mode without re-running the model (``hias_nb.selectors.replay_ias``);
+  any α, β, γ and instance mode without re-running the model (``hias_nb.selectors.replay_ias``) and, where the
+  split has labels, the ``correct`` count of each row (the replay's precision and recall: ``replay_correct``);
 - ``thresholds.parquet``: the threshold history of a selector whose thresholds evolve (IAS: one row per instance
   and class; other policies write none);
 - ``summary.json``: config, visiting order, final thresholds, class values (docs/method.md §2.6), pixel totals;
@@ -247,7 +248,10 @@ class _Records:
     def add(self, items: list[dict], conf: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor) -> None:
         """One selection batch: `conf`, `pred`, `labels` `[B,H,W]`, `items` the dataset items in that order."""
         self.values.update(conf, labels)
-        hist = pd.DataFrame(selectors.confidence_histograms(conf, pred))
+        gts = None
+        if self.has_gt and all(tuple(it["label"].shape) == tuple(pred.shape[1:]) for it in items):
+            gts = torch.stack([it["label"] for it in items])  # diagnostics: the replay's precision and recall
+        hist = pd.DataFrame(selectors.confidence_histograms(conf, pred, gt=gts))
         hist["image"] = [items[i]["name"] for i in hist["image"].to_numpy()]
         self.histograms.append(hist)
         for b, item in enumerate(items):

@@ -54,6 +54,7 @@ __all__ = [
     "cbst_from_histograms",
     "ClassValues",
     "confidence_histograms",
+    "replay_correct",
     "ConfidenceHistogram",
     "replay_ias",
 ]
@@ -610,20 +611,30 @@ class ClassValues:
 # Replay from per-image histograms (notebook sliders)
 
 
-def confidence_histograms(conf: torch.Tensor, pred: torch.Tensor, first_image: int = 0) -> dict[str, np.ndarray]:
+def confidence_histograms(
+    conf: torch.Tensor, pred: torch.Tensor, first_image: int = 0, gt: torch.Tensor | None = None
+) -> dict[str, np.ndarray]:
     """Sparse per-image, per-class histograms of float16 confidence codes of one batch.
 
     Returns columns ``image`` (int32, ``first_image + b``), ``class`` (int16), ``code`` (int16: the float16 bit
     pattern of the confidence, 0..15360), ``count`` (int32), sorted by (image, class, code), zero counts
     omitted: ``pd.DataFrame(rows)`` appends to Parquet as is. Enough to replay IAS exactly (``replay_ias``).
+    With `gt`, also ``correct`` (int32): how many of the row's pixels the ground truth labels with the predicted
+    class, so a replay can report the precision and recall of any α, β, γ (``replay_correct``) — a diagnostic,
+    never an input of the selection.
 
     Args:
         conf: float32 `[B,H,W]`, max softmax probability; pred: integer `[B,H,W]`, argmax class ids.
         first_image: the ``image`` index of ``conf[0]`` (the batch's position in the stream).
+        gt: integer `[B,H,W]` ground truth (255 = unlabelled: never correct), or None.
     """
     conf, pred = _check_inputs(conf, pred, None, "confidence_histograms")
+    if gt is not None and tuple(gt.shape) != tuple(pred.shape):
+        raise InputError(f"confidence_histograms: gt {tuple(gt.shape)} and pred {tuple(pred.shape)} differ in shape")
     num_classes = int(pred.max()) + 1
     out: dict[str, list[np.ndarray]] = {"image": [], "class": [], "code": [], "count": []}
+    if gt is not None:
+        out["correct"] = []
     for b in range(conf.shape[0]):  # one bincount per image: bins grow with C, not with the batch
         key = pred[b].reshape(-1) * NUM_CODES + _fp16_codes(conf[b].reshape(-1))
         nz, cnt = _histogram(key, num_classes * NUM_CODES)
@@ -631,6 +642,10 @@ def confidence_histograms(conf: torch.Tensor, pred: torch.Tensor, first_image: i
         out["class"].append((nz // NUM_CODES).astype(np.int16))
         out["code"].append((nz % NUM_CODES).astype(np.int16))
         out["count"].append(cnt.astype(np.int32))
+        if gt is not None:
+            right = key[(pred[b] == gt[b].to(pred.device)).reshape(-1)]
+            hist = np.bincount(right.cpu().numpy(), minlength=num_classes * NUM_CODES)
+            out["correct"].append(hist[nz].astype(np.int32))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -657,29 +672,39 @@ class ConfidenceHistogram:
         key += cls
         key *= NUM_CODES
         key += code
+        correct = np.asarray(rows["correct"]).astype(np.int64) if "correct" in rows else None
         if len(key) > 1 and np.any(key[1:] < key[:-1]):
             order = np.argsort(key, kind="stable")
             key, count = key[order], count[order]
-        self._key, self._count = key, count
-        self._cache: dict[int, tuple[_SortedSamples, int]] = {}
+            correct = None if correct is None else correct[order]
+        self._key, self._count, self._correct = key, count, correct
+        self._cache: dict[tuple[int, bool], tuple[_SortedSamples, int]] = {}
+
+    @property
+    def has_correct(self) -> bool:
+        """Whether the rows carry ground-truth ``correct`` counts (recorded with labels)."""
+        return self._correct is not None
 
     @property
     def num_images(self) -> int:
         return len(self.images)
 
-    def instances(self, instance: Instance, batch_size: int) -> tuple[_SortedSamples, int]:
-        """Samples with segment = instance * C + class, and the number of instances (cached per group size)."""
+    def instances(self, instance: Instance, batch_size: int, correct: bool = False) -> tuple[_SortedSamples, int]:
+        """Samples with segment = instance * C + class, and the number of instances (cached per group size).
+        With `correct`, only the pixels the ground truth confirms (rows' ``correct`` counts), same segments."""
         size = 1 if instance == "image" else batch_size
-        if size not in self._cache:
-            key, count = self._key, self._count
+        if correct and self._correct is None:
+            raise InputError("histogram rows: no 'correct' column (generated without ground truth)")
+        if (size, correct) not in self._cache:
+            key, count = self._key, self._correct if correct else self._count
             if size > 1:  # group images; a group's rows are sorted runs, which a stable sort merges quickly
                 per_image = self.num_classes * NUM_CODES
                 key = key // per_image // size * per_image + key % per_image
                 order = np.argsort(key, kind="stable")
                 key, count = key[order], count[order]
             n = -(-self.num_images // size)
-            self._cache[size] = (_SortedSamples(key, count, n * self.num_classes), n)
-        return self._cache[size]
+            self._cache[(size, correct)] = (_SortedSamples(key, count, n * self.num_classes), n)
+        return self._cache[(size, correct)]
 
 
 def _histogram_rows(
@@ -759,3 +784,21 @@ def replay_ias(
         thresholds[i] = theta
         selected[i] = samples.count[segs] - samples.rank_below(segs, theta)
     return thresholds, selected
+
+
+def replay_correct(
+    hist: ConfidenceHistogram, thresholds: np.ndarray, instance: Instance = "batch", batch_size: int = 2
+) -> np.ndarray:
+    """``[n_instances, C]``: of the pixels a replay selects (``replay_ias``'s `thresholds`, same `instance` and
+    `batch_size`), how many the ground truth confirms; needs histograms recorded with ``gt``. Summed over
+    instances and divided by ``replay_ias``'s ``selected`` it is the selection's per-class precision, divided
+    by the ground-truth pixels of the class its recall. Same float16 resolution as ``selected``."""
+    samples, n = hist.instances(_check_instance(instance, "replay_correct"), batch_size, correct=True)
+    if thresholds.shape != (n, hist.num_classes):
+        raise InputError(f"replay_correct: thresholds {thresholds.shape}, expected {(n, hist.num_classes)}")
+    classes = np.arange(hist.num_classes, dtype=np.int64)
+    out = np.empty((n, hist.num_classes), dtype=np.int64)
+    for i in range(n):
+        segs = i * hist.num_classes + classes
+        out[i] = samples.count[segs] - samples.rank_below(segs, thresholds[i])
+    return out

@@ -220,10 +220,12 @@ def draw_threshold_curves(
     hard: Sequence[int] = (),
     cbst: np.ndarray | None = None,
     constant: float | None = None,
+    instance: str = "batch",
 ) -> list[Line2D]:
     """Draw one IAS threshold line per class on `ax` (hard classes bold, others faint), CBST thresholds as
-    dotted levels at the right edge and the constant threshold as a dashed line. Returns the IAS lines (one
-    per class, in class order), so a widget can update them with ``set_data``."""
+    dotted levels at the right edge (placed in axes coordinates, so they stay there whatever the number of
+    instances) and the constant threshold as a dashed line. Returns the IAS lines (one per class, in class
+    order), so a widget can update them with ``set_data``."""
     n = thresholds.shape[0]
     x = np.arange(1, n + 1)
     colours = _class_colours(classes)
@@ -235,14 +237,22 @@ def draw_threshold_curves(
                           alpha=1.0 if is_hard else 0.45, label=name + (" (hard)" if is_hard else ""))  # fmt: skip
         lines.append(line)
         if cbst is not None and cbst[c] < 1.0:
-            ax.plot([n * 1.01, n * 1.06], [cbst[c]] * 2, color=colours[c], lw=2, ls=":")
+            ax.plot([1.005, 1.05], [cbst[c]] * 2, color=colours[c], lw=2, ls=":", transform=ax.get_yaxis_transform(),
+                    clip_on=False)  # fmt: skip
     if constant is not None:
         ax.axhline(constant, color="k", ls="--", lw=1, label=f"constant {constant:g}")
-    ax.set_xlabel("instance (pseudo-label batch, in visiting order)")
+    ax.set_xlabel(instance_label(instance))
+    ax.set_xlim(0, max(n, 1) + 0.5)
     ax.set_ylabel("threshold θ_c")
     ax.set_ylim(min(0.0, float(np.nanmin(thresholds)) - 0.02) if thresholds.size else 0, 1.0)
     ax.grid(alpha=0.3)
     return lines
+
+
+def instance_label(instance: str) -> str:
+    """The x label of a threshold plot: what one IAS instance is."""
+    what = "target image" if instance == "image" else "pseudo-label batch"
+    return f"instance ({what}, in visiting order)"
 
 
 def threshold_curves(
@@ -252,14 +262,39 @@ def threshold_curves(
     cbst: np.ndarray | None = None,
     constant: float | None = None,
     title: str = "IAS thresholds over the target stream",
+    instance: str = "batch",
 ) -> Figure:
-    """Figure of ``draw_threshold_curves`` with a class legend (CBST levels dotted at the right edge)."""
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    ax = fig.subplots()
-    draw_threshold_curves(ax, thresholds, classes, hard, cbst, constant)
-    suffix = "; dotted ticks at the right: CBST" if cbst is not None else ""
-    ax.set_title(title + suffix)
-    ax.legend(fontsize=7, ncols=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    """Small multiples: one panel per class with its IAS threshold over the stream ``thresholds`` ``[n, C]``,
+    its CBST level dotted and the constant threshold dashed, on shared axes; hard classes' names in bold red."""
+    n, num = thresholds.shape[0], len(classes)
+    cols = 5
+    rows = -(-num // cols)
+    fig = Figure(figsize=(12, 1.9 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    colours = _class_colours(classes)
+    hard = set(int(h) for h in hard)
+    x = np.arange(1, n + 1)
+    low = min(0.0, float(np.nanmin(thresholds)) - 0.02) if thresholds.size else 0.0
+    for c, ax in enumerate(axes[:num]):
+        ax.plot(x, thresholds[:, c], color=colours[c], lw=1.6, label=classes[c])
+        if cbst is not None and cbst[c] < 1.0:
+            ax.axhline(cbst[c], color="k", ls=":", lw=1.2)
+        if constant is not None:
+            ax.axhline(constant, color="0.5", ls="--", lw=0.8)
+        ax.set_title(classes[c] + (" (hard)" if c in hard else ""), fontsize=9,
+                     color="crimson" if c in hard else "k", fontweight="bold" if c in hard else "normal")  # fmt: skip
+        ax.set_ylim(low, 1.0)
+        ax.grid(alpha=0.3)
+    for ax in axes[num:]:
+        ax.set_visible(False)
+    fig.supxlabel(instance_label(instance), fontsize=9)
+    fig.supylabel("threshold θ_c", fontsize=9)
+    parts = (
+        ["solid: IAS"]
+        + (["dotted: CBST"] if cbst is not None else [])
+        + ([f"dashed: constant {constant:g}"] if constant is not None else [])
+    )
+    fig.suptitle(f"{title} ({', '.join(parts)})", fontsize=10)
     return fig
 
 

@@ -38,7 +38,7 @@ from hias_nb.config import config_to_dict, load_config
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA, Draw
 from hias_nb.pseudo_label import PseudoLabelConfig, load_pseudo_summary
-from hias_nb.selectors import ConfidenceHistogram, cbst_from_histograms, replay_ias
+from hias_nb.selectors import ConfidenceHistogram, cbst_from_histograms, replay_correct, replay_ias
 from hias_nb.self_train import PseudoLabelledTarget, SelfTrainConfig, build_hpla, round_views
 from hias_nb.train import TrainConfig, load_model, train_source
 
@@ -128,8 +128,13 @@ class ThresholdReplay:
     Controls: ``alpha``, ``beta``, ``gamma`` (sliders) and ``instance`` (``"batch"`` / ``"image"``); their initial
     values are the folder's config. Each change reruns ``replay_ias`` (the histograms are prepared once) and
     moves the threshold lines; ``thresholds`` ``[n_instances, C]`` and ``selected`` hold the latest replay,
-    ``seconds`` its cost (replay and redraw). ``hard`` classes are drawn bold; ``constant`` as a dashed line.
+    ``seconds`` its cost (replay and redraw). ``hard`` classes are drawn bold; ``constant`` as a dashed line;
+    ``show`` brings one class forward. When the folder was made with labels, ``quality`` holds each class's kept
+    share, precision and recall under the current setting (``replay_correct``), shown as a table beside the plot,
+    so a setting is judged by the labels it keeps, not only by its thresholds.
     """
+
+    ALL = "all classes"
 
     def __init__(self, pseudo_dir: str | os.PathLike, hard: tuple[int, ...] = (), constant: float | None = 0.9):
         folder = Path(pseudo_dir)
@@ -145,6 +150,11 @@ class ThresholdReplay:
         rows = pd.read_parquet(path)
         self.hist = ConfidenceHistogram(rows, self.num_classes)
         self.pixels = int(rows["count"].sum())
+        self.predicted = np.bincount(rows["class"].to_numpy(), rows["count"].to_numpy(), self.num_classes)
+        stats = pd.read_parquet(folder / "stats.parquet")
+        self.gt_pixels = None
+        if self.hist.has_correct and "gt_pixels" in stats:
+            self.gt_pixels = stats.groupby("class")["gt_pixels"].sum().reindex(range(self.num_classes), fill_value=0)
         self.cbst = cbst_from_histograms(rows, self.num_classes, float(cfg["cbst_p"]))
         style = {"description_width": "60px"}
         self.alpha = W.FloatSlider(value=float(cfg["alpha"]), min=0.01, max=1.0, step=0.01,
@@ -155,42 +165,74 @@ class ThresholdReplay:
                                    description="γ", continuous_update=False, style=style)  # fmt: skip
         self.instance = W.ToggleButtons(options=["batch", "image"], value=str(cfg["instance"]),
                                         description="instance", style=style)  # fmt: skip
+        self.show = W.Dropdown(options=[self.ALL, *self.classes], value=self.ALL, description="show", style=style)
         self.image = _image_widget()
         self.status = W.HTML()
-        self.thresholds, self.selected = self._replay()
+        self.table = W.HTML()
         self.figure = Figure(figsize=(10, 4.2), layout="constrained")
         self.ax = self.figure.subplots()
-        self.lines = viz.draw_threshold_curves(self.ax, self.thresholds, self.classes, hard, self.cbst, constant)
-        self.ax.legend(fontsize=7, ncols=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        self.thresholds, self.selected = self._replay()
+        self.lines = viz.draw_threshold_curves(self.ax, self.thresholds, self.classes, hard, self.cbst, constant,
+                                               self.instance.value)  # fmt: skip
+        self.styles = [(ln.get_linewidth(), ln.get_alpha()) for ln in self.lines]
+        self.ax.legend(fontsize=7, ncols=2, loc="center left", bbox_to_anchor=(1.07, 0.5))
         self.seconds = 0.0
+        self.quality = self._quality()
         self._render()
         self.figure.set_layout_engine("none")  # freeze the layout: each redraw only moves the lines (faster)
         for control in (self.alpha, self.beta, self.gamma, self.instance):
             control.observe(self._on_change, names="value")
-        self.widget = W.VBox([W.HBox([self.alpha, self.beta, self.gamma]), self.instance, self.status, self.image])
+        self.show.observe(lambda _c: self._render(), names="value")
+        self.widget = W.VBox([W.HBox([self.alpha, self.beta, self.gamma]), W.HBox([self.instance, self.show]),
+                              self.status, W.HBox([self.image, self.table])])  # fmt: skip
 
     def _replay(self) -> tuple[np.ndarray, np.ndarray]:
         return replay_ias(self.hist, self.num_classes, self.alpha.value, self.beta.value, self.gamma.value,
                           init=self.init, instance=self.instance.value, batch_size=self.batch_size)  # fmt: skip
 
+    def _quality(self) -> pd.DataFrame:
+        """Per class: the share of its predicted pixels kept and, with labels, precision and recall."""
+        sel = self.selected.sum(0)
+        q = pd.DataFrame({"kept %": 100 * sel / np.maximum(self.predicted, 1)}, index=self.classes)
+        if self.gt_pixels is not None:
+            cor = replay_correct(self.hist, self.thresholds, self.instance.value, self.batch_size).sum(0)
+            q["precision %"] = np.where(sel > 0, 100 * cor / np.maximum(sel, 1), np.nan)
+            q["recall %"] = np.where(self.gt_pixels > 0, 100 * cor / np.maximum(self.gt_pixels.to_numpy(), 1), np.nan)
+        return q
+
     def _render(self) -> None:
         a, b, g = self.alpha.value, self.beta.value, self.gamma.value
         self.ax.set_title(f"IAS thresholds replayed: α={a:.2f}, β={b:.2f}, γ={g:.1f}, instance={self.instance.value}"
                           "; dotted: CBST", fontsize=10)  # fmt: skip
+        shown = self.show.value
+        for c, line in enumerate(self.lines):
+            lw, alpha = self.styles[c]
+            if shown != self.ALL:
+                lw, alpha = (2.8, 1.0) if self.classes[c] == shown else (0.8, 0.12)
+            line.set_linewidth(lw)
+            line.set_alpha(alpha)
         self.image.value = figure_png(self.figure)
+        kept = self.selected.sum() / max(self.pixels, 1)
+        cost = f"replay + redraw {1000 * self.seconds:.0f} ms" if self.seconds else "the folder's own setting"
+        self.status.value = f"kept {100 * kept:.1f}% of the pixels ({cost})"
+        q = self.quality.round(1)
+        rows = q.to_html(na_rep="–", border=0, classes="hias-q")
+        if shown != self.ALL:
+            rows = rows.replace(f"<th>{shown}</th>", f"<th><b>▶ {shown}</b></th>")
+        self.table.value = rows if self.gt_pixels is not None else rows + "<i>no labels: precision not known</i>"
 
     def _on_change(self, _change=None) -> None:
         t0 = time.perf_counter()
         self.thresholds, self.selected = self._replay()
+        self.quality = self._quality()
         x = np.arange(1, self.thresholds.shape[0] + 1)
         for c, line in enumerate(self.lines):
             line.set_data(x, self.thresholds[:, c])
-        self.ax.set_xlim(0, x[-1] * 1.08 + 1)
+        self.ax.set_xlim(0, x[-1] + 0.5)
+        self.ax.set_xlabel(viz.instance_label(self.instance.value))
         self.ax.set_ylim(min(0.0, float(self.thresholds.min()) - 0.02), 1.0)
-        self._render()
         self.seconds = time.perf_counter() - t0
-        kept = self.selected.sum() / max(self.pixels, 1)
-        self.status.value = f"replay + redraw {1000 * self.seconds:.0f} ms; kept {100 * kept:.1f}% of pixels"
+        self._render()
 
 
 # ---------------------------------------------------------------------------------------------------------------

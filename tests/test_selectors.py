@@ -22,6 +22,7 @@ from hias_nb.selectors import (
     cbst_from_histograms,
     confidence_histograms,
     ias_reference,
+    replay_correct,
     replay_ias,
 )
 
@@ -324,6 +325,41 @@ def test_confidence_histograms_rows():
         (11, 0, code(1.0), 1),
         (11, 1, code(0.75), 1),
     ]
+
+
+def test_confidence_histograms_count_the_pixels_the_ground_truth_confirms():
+    conf = torch.tensor([[[0.5, 0.5, 1.0]], [[0.75, 0.99995, 0.2]]])
+    pred = torch.tensor([[[1, 1, 0]], [[1, 0, 0]]])
+    gt = torch.tensor([[[1, 0, 0]], [[1, 0, 255]]])  # 255: unlabelled, never correct
+    rows = confidence_histograms(conf, pred, first_image=10, gt=gt)
+    assert rows["count"].tolist() == [1, 2, 1, 1, 1] and rows["correct"].tolist() == [1, 1, 0, 1, 1]
+    assert "correct" not in confidence_histograms(conf, pred)
+    with pytest.raises(InputError, match="gt"):
+        confidence_histograms(conf, pred, gt=gt[:, :, :2])
+
+
+@pytest.mark.parametrize("instance", ["batch", "image"])
+def test_replay_correct_equals_a_direct_count(instance):
+    conf, pred = random_stream(5, 7, 4)
+    gt = np.where(np.random.default_rng(6).random(pred.shape) < 0.7, pred, 255 - (pred == 0))  # 70 % right
+    gt[:, 0, :] = 255
+    parts = [pd.DataFrame(confidence_histograms(torch.from_numpy(conf[s : s + 3]), torch.from_numpy(pred[s : s + 3]),
+                                                first_image=s, gt=torch.from_numpy(gt[s : s + 3])))
+             for s in range(0, 7, 3)]  # fmt: skip
+    rows = pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=1)  # rows in any order within images
+    rows = rows.sort_values("image", kind="stable")
+    hist = ConfidenceHistogram(rows, 4)
+    thresholds, selected = replay_ias(hist, 4, 0.5, 0.9, 8.0, instance=instance, batch_size=2)
+    correct = replay_correct(hist, thresholds, instance=instance, batch_size=2)
+    size = 1 if instance == "image" else 2
+    for i, s in enumerate(range(0, 7, size)):
+        q16 = conf[s : s + size].astype(np.float16).astype(np.float64)
+        p, g = pred[s : s + size], gt[s : s + size]
+        direct = [int(((p == c) & (q16 >= thresholds[i, c]) & (g == c)).sum()) for c in range(4)]
+        assert correct[i].tolist() == direct
+    assert (correct <= selected).all() and correct.sum() > 0
+    with pytest.raises(InputError, match="correct"):
+        replay_correct(ConfidenceHistogram(rows.drop(columns="correct"), 4), thresholds, instance, 2)
 
 
 @pytest.mark.parametrize("instance", ["batch", "image"])

@@ -74,18 +74,20 @@ def test_loss_curves_and_missing_columns():
 # Notebook 2
 
 
-def test_threshold_curves_draw_each_class():
+def test_threshold_curves_one_panel_per_class():
     m = np.linspace(0.5, 0.9, 4 * C).reshape(4, C)
     cbst = np.ones(C)
     cbst[2] = 0.7
-    fig = viz.threshold_curves(m, CITYSCAPES_CLASSES, hard=(5, 6), cbst=cbst, constant=0.9)
-    lines = fig.axes[0].lines
-    by_label = {line.get_label(): line for line in lines}
-    np.testing.assert_array_equal(by_label["pole (hard)"].get_ydata(), m[:, 5])  # class 5
-    np.testing.assert_array_equal(by_label["road"].get_ydata(), m[:, 0])
-    assert by_label["pole (hard)"].get_linewidth() > by_label["road"].get_linewidth()  # hard classes stand out
-    assert any(np.array_equal(line.get_ydata(), [0.7, 0.7]) for line in lines)  # the one CBST level below 1
-    assert "CBST" in fig.axes[0].get_title()
+    fig = viz.threshold_curves(m, CITYSCAPES_CLASSES, hard=(5, 6), cbst=cbst, constant=0.9, instance="image")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == C
+    for c, ax in enumerate(panels):
+        np.testing.assert_array_equal(ax.lines[0].get_ydata(), m[:, c])
+        levels = [ln.get_ydata()[0] for ln in ax.lines[1:]]
+        assert levels == ([0.7, 0.9] if c == 2 else [0.9])  # CBST only where it is below 1; the constant
+    assert panels[5].get_title() == "pole (hard)" and panels[5].title.get_color() == "crimson"
+    assert panels[0].get_title() == "road"
+    assert "target image" in fig.get_supxlabel() and "CBST" in fig.get_suptitle()
 
 
 def test_keep_fraction_plot_scatters_the_table():
