@@ -92,8 +92,12 @@ def test_threshold_curves_one_panel_per_class():
 
 def test_keep_fraction_plot_scatters_the_table():
     t = pd.DataFrame({"class": [0, 1, 2], "target_keep": [0.1, 0.2, 0.3], "kept": [0.15, 0.2, 0.25]})
-    offsets = viz.keep_fraction_plot(t, ["a", "b", "c"]).axes[0].collections[0].get_offsets()
+    ax = viz.keep_fraction_plot(t, ["a", "b", "c"]).axes[0]
+    offsets = np.concatenate([c.get_offsets() for c in ax.collections])
     np.testing.assert_allclose(offsets, t[["target_keep", "kept"]].to_numpy())
+    assert [x.get_text() for x in ax.get_legend().get_texts()] == ["a", "b", "c", "kept = α·θ^γ"]
+    r = np.corrcoef(t["target_keep"], t["kept"])[0, 1]
+    assert f"r = {r:.2f}" in ax.get_title()
 
 
 def test_pseudo_quality_bars_and_gallery(pseudo_dir, tiny_toytown):
