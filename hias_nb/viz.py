@@ -541,19 +541,31 @@ def confusion_panel(
     return fig
 
 
-def prediction_gallery(checkpoints: dict[str, Path], dataset: Dataset, indices: Sequence[int], device: str) -> Figure:
-    """Rows of images of `dataset`: the image, its label and each checkpoint's prediction (overlays; the
-    predictions come from ``analysis.checkpoint_predictions``)."""
+def prediction_gallery(
+    checkpoints: dict[str, Path], dataset: Dataset, indices: Sequence[int], device: str, cols: int = 4
+) -> Figure:
+    """For each image of `dataset` at `indices`: the image, its label and each checkpoint's prediction
+    (overlays from ``analysis.checkpoint_predictions``), `cols` panels to a row so each stays readable at a
+    notebook's width, and a colour legend of the classes shown."""
     images, labels, predictions = checkpoint_predictions(checkpoints, dataset, indices, device)
-    cols = 2 + len(predictions)
-    fig = Figure(figsize=(2.4 * cols, 1.35 * len(indices) + 0.5), layout="constrained")
-    axes = fig.subplots(len(indices), cols, squeeze=False)
+    per_image = 2 + len(predictions)
+    rows_per = -(-per_image // cols)
+    fig = Figure(figsize=(3.0 * cols, (1.65 * rows_per + 0.15) * len(indices) + 0.9), layout="constrained")
+    axes = fig.subplots(rows_per * len(indices), cols, squeeze=False)
+    present: set[int] = set()
     for r, image in enumerate(images):
-        shown = [("image", image), ("label", overlay(image, labels[r], 0.7))]
-        shown += [(name, overlay(image, pred[r], 0.7)) for name, pred in predictions.items()]
-        for c, (title, data) in enumerate(shown):
-            axes[r, c].imshow(data, interpolation="nearest")
-            _no_ticks(axes[r, c])
-            if r == 0:
-                axes[r, c].set_title(title, fontsize=8)
+        shown = [(f"image {indices[r]}", image, None), ("label", overlay(image, labels[r], 0.7), labels[r])]
+        shown += [(name, overlay(image, pred[r], 0.7), pred[r]) for name, pred in predictions.items()]
+        cells = axes[r * rows_per : (r + 1) * rows_per].ravel()
+        for ax, (title, data, class_map) in zip(cells, shown, strict=False):
+            ax.imshow(data, interpolation="nearest")
+            _no_ticks(ax)
+            ax.set_title(title, fontsize=8)
+            if class_map is not None:
+                present |= {int(c) for c in np.unique(class_map) if c < len(CITYSCAPES_CLASSES)}
+        for ax in cells[len(shown) :]:
+            ax.set_visible(False)
+    handles = [Patch(facecolor=CITYSCAPES_PALETTE[c] / 255.0, label=CITYSCAPES_CLASSES[c]) for c in sorted(present)]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(7, len(handles)), fontsize=7)
     return fig

@@ -205,8 +205,12 @@ def test_confusion_panel_one_matrix_and_a_difference_coloured_by_benefit():
 
 def test_prediction_gallery_panels(tiny_toytown, model_ckpt):
     ds = SegDataset("toytown", tiny_toytown, "target_val")
-    fig = viz.prediction_gallery({"a": model_ckpt}, ds, [0, 1], "cpu")
-    assert len(fig.axes) == 2 * 3
+    fig = viz.prediction_gallery({"a": model_ckpt, "b": model_ckpt, "c": model_ckpt}, ds, [0, 1], "cpu", cols=3)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(fig.axes) == 2 * 2 * 3 and len(shown) == 2 * 5  # 5 panels per image, 3 to a row
     images, labels, preds = analysis.checkpoint_predictions({"a": model_ckpt}, ds, [0, 1], "cpu")
-    np.testing.assert_array_equal(fig.axes[3].images[0].get_array(), images[1])
-    np.testing.assert_array_equal(fig.axes[5].images[0].get_array(), analysis.overlay(images[1], preds["a"][1], 0.7))
+    np.testing.assert_array_equal(shown[5].images[0].get_array(), images[1])
+    np.testing.assert_array_equal(shown[7].images[0].get_array(), analysis.overlay(images[1], preds["a"][1], 0.7))
+    assert [ax.get_title() for ax in shown[5:]] == ["image 1", "label", "a", "b", "c"]
+    present = sorted({int(c) for m in (*labels, *preds["a"]) for c in np.unique(m) if c < C})
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [CITYSCAPES_CLASSES[c] for c in present]
