@@ -200,13 +200,29 @@ def reliability_diagram(table: pd.DataFrame, per_class: pd.DataFrame | None = No
         x = np.arange(len(per_class))
         ax.bar(x, per_class["mean_conf"], color=_class_colours(list(per_class.index)), edgecolor="k", lw=0.3,
                label="mean confidence")  # fmt: skip
-        ax.plot(x, per_class["accuracy"], "k_", ms=12, mew=2, label="accuracy (precision)")
+        # a white-edged black diamond stays visible on a dark bar
+        ax.plot(x, per_class["accuracy"], "D", color="k", mec="white", mew=1.2, ms=6, label="accuracy (precision)")
+        if "pixels" in per_class:  # a rate from a handful of pixels says little: the count is written on top
+            for i, n in enumerate(per_class["pixels"]):
+                ax.text(i, 1.01, _count(int(n)), ha="center", va="bottom", fontsize=6, rotation=90)
         ax.set_xticks(x, list(per_class.index), rotation=60, ha="right")
         ax.set_ylim(0, 1)
         ax.set_ylabel("per predicted class")
-        ax.set_title("Confidence vs accuracy per class: bar above the marker = over-confident")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.set_title("Confidence vs accuracy per class (pixels on top): bar above its marker = over-confident",
+                     fontsize=9, pad=24)  # fmt: skip
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
+
+
+def _count(n: int) -> str:
+    """A pixel count in 3 characters or so: 7, 950, 12k, 3.4M."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f}M"
+    if n >= 10_000:
+        return f"{n / 1e3:.0f}k"
+    if n >= 1000:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
 
 
 # ---------------------------------------------------------------------------------------------------------------

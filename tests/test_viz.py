@@ -47,6 +47,16 @@ def test_reliability_diagram_shows_the_table():
     assert f"ECE {ece:.1f}%" in fig.axes[0].get_title()
     np.testing.assert_allclose([p.get_height() for p in fig.axes[0].patches], t["accuracy"])
     assert len(viz.reliability_diagram(t).axes) == 1
+    # per class: the pixel count over each bar (class a predicted nowhere: 0), the legend outside the bars
+    assert [x.get_text() for x in fig.axes[1].texts] == ["0", "2", "3"]
+    anchor = fig.axes[1].get_legend().get_bbox_to_anchor().transformed(fig.axes[1].transAxes.inverted())
+    assert anchor.x0 == pytest.approx(1.0)  # anchored at the axes' right edge, outside the bars
+
+
+def test_pixel_counts_are_short():
+    from hias_nb.viz import _count
+
+    assert [_count(n) for n in (7, 950, 1234, 12_345, 3_400_000)] == ["7", "950", "1.2k", "12k", "3.4M"]
 
 
 def test_class_frequency_bars_one_bar_per_class_and_split():
