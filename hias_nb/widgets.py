@@ -16,6 +16,7 @@ tests and readers can check what is drawn. Display ``obj.widget`` in a notebook.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -105,12 +106,17 @@ def train_source_live(cfg: TrainConfig, chunk: int = 10, output: W.Output | None
         raise InputError(f"chunk: must be positive, got {chunk}")
     log_path = Path(cfg.out) / "log.csv"
     while True:
-        path = train_source(dataclasses.replace(cfg, stop_after=chunk))
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            path = train_source(dataclasses.replace(cfg, stop_after=chunk))
+        for line in said.getvalue().splitlines():  # each chunk's "paused at / resuming at" is bookkeeping here
+            if ": paused at iteration" not in line and ": resuming at iteration" not in line:
+                print(line)
         if output is not None and log_path.exists():
             fig = viz.loss_curves(analysis.read_log(log_path), ["loss"], title=f"source training ({cfg.split})")
             output.outputs = ()  # replace the previous curve (works in and outside a kernel)
             output.append_display_data(fig)
         if path.name == "model_final.pt":
+            print(f"trained {cfg.iterations} iterations in chunks of {chunk}; the model is {path}")
             return path
 
 

@@ -208,7 +208,7 @@ def test_round_config_reads_the_saved_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_source_live_draws_curve_and_finishes(tiny_toytown, tmp_path):
+def test_train_source_live_draws_curve_and_finishes(tiny_toytown, tmp_path, capsys):
     import ipywidgets as W
 
     cfg = TrainConfig(out=str(tmp_path / "src"), data_root=str(tiny_toytown), iterations=4, batch_size=2,
@@ -219,6 +219,8 @@ def test_train_source_live_draws_curve_and_finishes(tiny_toytown, tmp_path):
     log = analysis.read_log(tmp_path / "src" / "log.csv")
     assert log["iteration"].tolist() == [1, 2, 3, 4]
     assert len(out.outputs) == 1  # cleared and redrawn after each chunk
+    said = capsys.readouterr().out
+    assert "paused at" not in said and "resuming at" not in said and "trained 4 iterations in chunks of 3" in said
     with pytest.raises(InputError):
         widgets.train_source_live(cfg, chunk=0)
 
