@@ -59,6 +59,14 @@ __all__ = [
     "checkpoint_predictions",
     "gap_table",
     "student_teacher_table",
+    "caveat",
+    "bullets",
+    "findings_gap",
+    "findings_calibration",
+    "findings_pseudo_labels",
+    "findings_hpla",
+    "findings_losses",
+    "findings_stages",
     "GTA5_CITYSCAPES",
     "benchmark_calibration",
     "hardest_classes",
@@ -467,6 +475,136 @@ def label_free_table(report: dict) -> pd.DataFrame:
         better = higher_better.get(col, col.startswith("coverage"))
         df[f"rank_{col}"] = df[col].rank(ascending=not better, method="min")
     return df
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# "What we saw": each notebook's closing conclusions, computed from the run in front of the reader (markdown
+# bullets; the notebooks add the caveats and the exercises)
+
+
+def caveat(quick: bool) -> str:
+    """The caveat every "What we saw" ends with: what the numbers can and cannot say."""
+    if quick:
+        return ("_Quick mode: every stage ran a few iterations on few images, so these numbers show the method's parts "
+                "at work, not its results; run with `QUICK = False` for those._")  # fmt: skip
+    return ("_One training seed: differences of about one point between stages or settings are within what another "
+            "seed changes (notebook 4's ablation shows the spread)._")  # fmt: skip
+
+
+def bullets(lines: Sequence[str], quick: bool) -> str:
+    """Findings as a markdown list followed by the `caveat`."""
+    return "\n".join(f"- {line}" for line in lines) + "\n\n" + caveat(quick)
+
+
+def _ranked(d: Mapping[str, float], n: int, largest: bool) -> str:
+    """The `n` largest (or smallest) values of `d` as "name +1.0, ...", only those on that side of 0."""
+    items = sorted(((v, k) for k, v in d.items() if np.isfinite(v) and (v > 0 if largest else v < 0)), reverse=largest)
+    return ", ".join(f"{k} {v:+.1f}" for v, k in items[:n]) or "none"
+
+
+def findings_gap(gap: dict) -> list[str]:
+    """Notebook 1: a `split_iou_report` with source_val and target_val stages → the domain gap in words."""
+    src, tgt = (next(s for s in gap["stages"] if s["name"] == n) for n in ("source_val", "target_val"))
+    diff = {c: tgt["per_class"][c] - src["per_class"][c] for c in src["per_class"]}
+    return [
+        f"The source-only model scores **{src['miou']:.1f}** mIoU on source-val and **{tgt['miou']:.1f}** on "
+        f"target-val: the domain gap is {src['miou'] - tgt['miou']:.1f} points.",
+        f"Largest losses on the target: {_ranked(diff, 3, largest=False)} (IoU points).",
+    ]
+
+
+def findings_calibration(table: pd.DataFrame, per_class: pd.DataFrame, min_pixels: int = 1000) -> list[str]:
+    """Notebook 1: ECE and the most over-confident predicted class with at least `min_pixels` pixels."""
+    out = [f"Expected calibration error on target-val: **{100 * expected_calibration_error(table):.1f} %**."]
+    big = per_class[per_class["pixels"] >= min_pixels]
+    if len(big):
+        gap = (big["mean_conf"] - big["accuracy"]).sort_values(ascending=False)
+        c = gap.index[0]
+        r = big.loc[c]
+        out.append(f"Most over-confident class (of those predicted on ≥ {min_pixels} pixels): **{c}** — "
+                   f"{int(r['pixels'])} pixels at mean confidence {r['mean_conf']:.2f}, "
+                   f"{100 * r['accuracy']:.0f} % of them right.")  # fmt: skip
+    return out
+
+
+def findings_pseudo_labels(table: pd.DataFrame, hard: Sequence[int]) -> list[str]:
+    """Notebook 2: a `pseudo_label_table` → how much was kept and how right it is, hard classes against the rest."""
+    sel, pred = table["selected_px"].sum(), table["predicted_px"].sum()
+    out = [f"IAS kept **{100 * sel / max(pred, 1):.1f} %** of the target-train pixels."]
+    if "precision" in table:
+        right = float((table["precision"].fillna(0) * table["selected_px"]).sum()) / max(sel, 1)
+        out.append(f"Of the kept pixels, **{100 * right:.1f} %** carry the right class.")
+        names = list(table.index)
+        is_hard = np.isin(np.arange(len(names)), list(hard))
+        for label, mask in (("hard", is_hard), ("other", ~is_hard)):
+            part = table[mask & (table["selected_px"].to_numpy() > 0)]
+            if len(part):
+                p = float((part["precision"] * part["selected_px"]).sum() / part["selected_px"].sum())
+                out.append(f"Precision of the {label} classes' kept pixels: {100 * p:.1f} % ({len(part)} classes).")
+        worst = table[table["selected_px"] > 0]["precision"].sort_values().head(3)
+        out.append("Least precise: " + ", ".join(f"{c} {100 * v:.0f} %" for c, v in worst.items()) + ".")
+    return out
+
+
+def findings_hpla(
+    classes: Sequence[str],
+    hard: Sequence[int],
+    probs: Sequence[float],
+    used: Sequence[float],
+    donor_counts: Sequence[int],
+) -> list[str]:
+    """Notebook 3: what HPLA will draw — the hard classes, the ones it cannot draw (no donor), the most likely."""
+    hard = [int(c) for c in hard]
+    dropped = [c for c in hard if donor_counts[c] == 0]
+    out = [f"{len(hard)} hard classes; {len(hard) - len(dropped)} can be drawn."]
+    if dropped:
+        lost = float(sum(probs[c] for c in dropped))
+        out.append(f"Without donors, never drawn: {', '.join(classes[c] for c in dropped)} — "
+                   f"{100 * lost:.0f} % of the formula's probability, handed to the others.")  # fmt: skip
+    top = sorted(hard, key=lambda c: -used[c])[:3]
+    out.append("Most likely draws: " + ", ".join(f"{classes[c]} {100 * used[c]:.0f} %" for c in top) + ".")
+    return out
+
+
+def findings_losses(scalars: Mapping[str, float], weights: Mapping[str, float]) -> list[str]:
+    """Notebook 4: each loss term's share of the weighted total on the batch shown."""
+    parts = {t: weights.get(t, 0.0) * v for t, v in scalars.items()}
+    total = sum(parts.values())
+    if total <= 0:
+        return ["Every term is 0 on this batch."]
+    shares = ", ".join(f"{t} {100 * v / total:.0f} %" for t, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+    return [f"Shares of the weighted total on this batch: {shares}."]
+
+
+def findings_stages(report: dict) -> list[str]:
+    """Notebook 5: the stages of a demo report in words — the final gain, the rounds' own part, the gap closed,
+    the classes the rounds moved most, and the teacher against its student."""
+    miou = {s["name"]: s["miou"] for s in report["stages"]}
+    per = {s["name"]: s["per_class"] for s in report["stages"]}
+    rounds = [n for n in miou if n.startswith("round_")]
+    if not rounds:
+        return ["This run has no self-training round."]
+    final, start = rounds[-1], "warmup" if "warmup" in miou else "source_only_adabn"
+    out = [f"The final stage ({final}'s teacher) scores **{miou[final]:.1f}** mIoU: "
+           f"{miou[final] - miou['source_only']:+.1f} over source-only"
+           + (f", {miou[final] - miou['source_only_adabn']:+.1f} over AdaBN" if "source_only_adabn" in miou else "")
+           + "."]  # fmt: skip
+    rounds_gain = miou[final] - miou[start]
+    verb = "add" if rounds_gain >= 0 else "lose"
+    out.append(f"The self-training rounds {verb} **{abs(rounds_gain):.1f}** points against their start ({start}).")
+    if len(rounds) > 1:
+        steps = ", ".join(f"{a} → {b} {miou[b] - miou[a]:+.1f}" for a, b in zip(rounds, rounds[1:], strict=False))
+        out.append(f"Round by round: {steps}.")
+    if "oracle" in miou and miou["oracle"] > miou["source_only"]:
+        closed = (miou[final] - miou["source_only"]) / (miou["oracle"] - miou["source_only"])
+        out.append(f"It closes **{100 * closed:.0f} %** of the source-only → oracle gap (oracle {miou['oracle']:.1f}).")
+    moved = {c: per[final][c] - per[start][c] for c in per[final]}
+    out.append(f"Classes the rounds helped most: {_ranked(moved, 3, largest=True)}; "
+               f"hurt most: {_ranked(moved, 3, largest=False)} (IoU points, {start} → {final}).")  # fmt: skip
+    students = {s["name"]: s["miou"] for s in report.get("students", [])}
+    if f"{final}_student" in students:
+        out.append(f"{final}'s EMA teacher {miou[final]:.1f} against its student {students[final + '_student']:.1f}.")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,8 +36,10 @@ from matplotlib.patches import Patch
 from hias_nb import analysis, losses, viz
 from hias_nb.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE
 from hias_nb.config import config_to_dict, load_config
+from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA, Draw
+from hias_nb.io import read_json
 from hias_nb.pseudo_label import PseudoLabelConfig, load_pseudo_summary
 from hias_nb.selectors import ConfidenceHistogram, cbst_from_histograms, replay_correct, replay_ias
 from hias_nb.self_train import PseudoLabelledTarget, SelfTrainConfig, build_hpla, round_views
@@ -46,6 +48,8 @@ from hias_nb.train import TrainConfig, load_model, train_source
 __all__ = [
     "resolve_run",
     "figure_png",
+    "RunTarget",
+    "run_target",
     "train_source_live",
     "ThresholdReplay",
     "HPLASample",
@@ -64,6 +68,32 @@ __all__ = [
 # Run folder and rendering
 
 
+@dataclass(frozen=True)
+class RunTarget:
+    """Where a run's target images are: what notebooks 2–5 read besides the run folder."""
+
+    dataset: str  # a dataset name (data_manifests/) or a manifest YAML
+    root: str
+    train_split: str  # the pseudo-labelled split
+    val_split: str  # the evaluated split
+
+    def train(self) -> SegDataset:
+        return SegDataset(self.dataset, self.root, self.train_split)
+
+    def val(self) -> SegDataset:
+        return SegDataset(self.dataset, self.root, self.val_split)
+
+
+def run_target(run: str | os.PathLike, data_root: str | os.PathLike = "../data/toytown") -> RunTarget:
+    """The target of a finished run: a `hias-nb run` experiment's (from its report: ``target_dataset``,
+    ``target_root``, ``target_split``, ``val_split``), else a toytown demo's in `data_root` (the notebook's
+    DATA_ROOT: a demo records its root relative to where it ran)."""
+    config = (read_json(Path(run) / "report.json").get("config") or {}).get("experiment")
+    if config:
+        return RunTarget(config["target_dataset"], config["target_root"], config["target_split"], config["val_split"])
+    return RunTarget("toytown", str(data_root), "target_train", "target_val")
+
+
 def resolve_run(
     run_dir: str | os.PathLike | None,
     quick: bool,
@@ -78,7 +108,9 @@ def resolve_run(
     if run_dir is not None:
         run = Path(run_dir)
         if not (run / "report.json").exists():
-            raise InputError(f"{run}: no report.json; RUN_DIR must be a finished `hias-nb demo` run folder")
+            raise InputError(
+                f"{run}: no report.json; RUN_DIR must be a finished `hias-nb demo` or `hias-nb run` folder"
+            )
         return run
     run = Path(runs_root) / ("demo_quick" if quick else "demo")
     if not (run / "report.json").exists():
@@ -388,8 +420,6 @@ class HPLAPreview:
         seed: int = 0,
         max_names: int = 50,
     ):
-        from hias_nb.data import SegDataset
-
         self.pseudo_dir = Path(pseudo_dir)
         self.config = config or SelfTrainConfig()
         self.target = PseudoLabelledTarget(SegDataset(dataset, data_root, split), self.pseudo_dir)

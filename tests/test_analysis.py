@@ -312,3 +312,64 @@ def test_ablation_differences_pair_each_seed_with_the_full_method():
     assert s.loc["warmup", "seeds"] == 2 and s.loc["cbst", "what"] == analysis.VARIANT_NOTES["cbst"]
     assert s["sign"].to_dict() == {"warmup": "full better on every seed", "cbst": "mixed",
                                    "control_adabn": "full better on every seed"}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What we saw
+
+
+def test_findings_gap_and_calibration_by_hand():
+    src = {"name": "source_val", "miou": 60.0, "per_class": {"a": 80.0, "b": 40.0, "c": 60.0}}
+    gap = {"stages": [src, {"name": "target_val", "miou": 45.0, "per_class": {"a": 75.0, "b": 10.0, "c": 50.0}}]}
+    lines = analysis.findings_gap(gap)
+    assert "**60.0**" in lines[0] and "**45.0**" in lines[0] and "15.0 points" in lines[0]
+    assert lines[1] == "Largest losses on the target: b -30.0, c -10.0, a -5.0 (IoU points)."
+    table = pd.DataFrame({"pixels": [10, 10], "mean_conf": [0.3, 0.9], "accuracy": [0.3, 0.6]})
+    per = pd.DataFrame({"pixels": [5000, 200, 3000], "mean_conf": [0.9, 0.99, 0.67], "accuracy": [0.85, 0.0, 0.03]},
+                       index=["road", "train", "truck"])  # fmt: skip
+    cal = analysis.findings_calibration(table, per)
+    assert f"**{100 * analysis.expected_calibration_error(table):.1f} %**" in cal[0]
+    assert "**truck** — 3000 pixels at mean confidence 0.67, 3 % of them right" in cal[1]  # train: too few pixels
+
+
+def test_findings_pseudo_labels_weigh_precision_by_kept_pixels():
+    table = pd.DataFrame({"predicted_px": [100, 50, 50], "selected_px": [80, 10, 0], "precision": [1.0, 0.5, np.nan]},
+                         index=["road", "pole", "rider"])  # fmt: skip
+    lines = analysis.findings_pseudo_labels(table, hard=[1, 2])
+    assert lines[0] == "IAS kept **45.0 %** of the target-train pixels."  # 90 of 200
+    assert lines[1] == "Of the kept pixels, **94.4 %** carry the right class."  # (80 + 5) / 90
+    assert lines[2] == "Precision of the hard classes' kept pixels: 50.0 % (1 classes)."  # rider kept nothing
+    assert lines[3] == "Precision of the other classes' kept pixels: 100.0 % (1 classes)."
+    assert lines[4] == "Least precise: pole 50 %, road 100 %."
+
+
+def test_findings_hpla_losses_and_stages_by_hand():
+    h = analysis.findings_hpla(
+        ["a", "b", "c", "d"], [0, 1, 2], [0.5, 0.3, 0.2, 0.0], [0.0, 0.6, 0.4, 0.0], [0, 3, 2, 9]
+    )
+    assert h == ["3 hard classes; 2 can be drawn.",
+                 "Without donors, never drawn: a — 50 % of the formula's probability, handed to the others.",
+                 "Most likely draws: b 60 %, c 40 %, a 0 %."]  # fmt: skip
+    assert analysis.findings_losses(
+        {"ce": 0.6, "kld": 2.0, "entropy": 0.2}, {"ce": 1.0, "kld": 0.1, "entropy": 0.0}
+    ) == ["Shares of the weighted total on this batch: ce 75 %, kld 25 %, entropy 0 %."]
+    pc = lambda a, b: {"x": a, "y": b}  # noqa: E731
+    report = {"stages": [{"name": "source_only", "miou": 20.0, "per_class": pc(20, 20)},
+                         {"name": "source_only_adabn", "miou": 24.0, "per_class": pc(24, 24)},
+                         {"name": "warmup", "miou": 30.0, "per_class": pc(40, 20)},
+                         {"name": "round_1", "miou": 33.0, "per_class": pc(44, 22)},
+                         {"name": "round_2", "miou": 32.0, "per_class": pc(50, 14)},
+                         {"name": "oracle", "miou": 60.0, "per_class": pc(60, 60)}],
+              "students": [{"name": "round_2_student", "miou": 31.0}]}  # fmt: skip
+    got = analysis.findings_stages(report)
+    assert (
+        got[0] == "The final stage (round_2's teacher) scores **32.0** mIoU: +12.0 over source-only, +8.0 over AdaBN."
+    )
+    assert got[1] == "The self-training rounds add **2.0** points against their start (warmup)."
+    assert got[2] == "Round by round: round_1 → round_2 -1.0."
+    assert got[3] == "It closes **30 %** of the source-only → oracle gap (oracle 60.0)."
+    assert got[4] == "Classes the rounds helped most: x +10.0; hurt most: y -6.0 (IoU points, warmup → round_2)."
+    assert got[5] == "round_2's EMA teacher 32.0 against its student 31.0."
+    lost = analysis.findings_stages({"stages": report["stages"][:4] + [{"name": "round_2", "miou": 28.0,
+                                                                        "per_class": pc(30, 26)}]})  # fmt: skip
+    assert lost[1] == "The self-training rounds lose **2.0** points against their start (warmup)."

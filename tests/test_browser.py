@@ -50,6 +50,7 @@ STATE_DIRS = {
     "JUPYTER_RUNTIME_DIR": "jupyter_runtime",
     "IPYTHONDIR": "ipython",
     "MPLCONFIGDIR": "matplotlib",
+    "npm_config_cache": "npm_cache",  # jupyter-lsp runs npm to look for language servers: its _logs go here
     "XDG_CONFIG_HOME": "xdg_config",
     "XDG_CACHE_HOME": "xdg_cache",
 }
