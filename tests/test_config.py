@@ -71,16 +71,16 @@ def test_bad_yaml_key_names_file_and_key(tmp_path):
 # What each stage of the default demo receives (the values `hias-nb demo` has used since the 2026-12-03 results).
 DEMO_STAGES = {
     "source_only": {"iterations": 300, "batch_size": 16, "lr": 2e-3, "head_lr_mult": 1.0, "warmup": 30,
-                    "split": "source_train", "init_checkpoint": None, "seed": 0},
+                    "split": "source_train", "init_checkpoint": None, "seed": 0, "strong_prob": 0.5},
     "warmup/train": {"iterations": 300, "batch_size": 16, "lr": 2e-4, "adv_weight": 0.15, "d_ndf": 32,
-                     "init_checkpoint": "runs/demo/source_only/model_final.pt", "seed": 0},
+                     "init_checkpoint": "runs/demo/source_only/model_final.pt", "seed": 0, "strong_prob": 0.5},
     "round_1/pseudo": {"policy": "ias", "alpha": 0.5, "batch_size": 2, "split": "target_train",
                        "checkpoint": "runs/demo/warmup/model_final.pt", "seed": 1},
     "round_1/train": {"iterations": 120, "batch_size": 16, "lr": 2e-4, "head_lr_mult": 1.0, "ema_gamma": 0.99,
                       "hpla": True, "hpla_mode": "reference", "strong": True, "lambda_kld": 0.1, "lambda_ent": 1.0,
                       "lambda_cst": 0.5, "freeze_bn": "affine", "pseudo_dir": "runs/demo/round_1/pseudo",
                       "init_checkpoint": "runs/demo/warmup/model_final.pt", "split": "target_train", "seed": 1},
-    "oracle": {"iterations": 300, "batch_size": 16, "lr": 2e-3, "split": "target_train", "seed": 0},
+    "oracle": {"iterations": 300, "batch_size": 16, "lr": 2e-3, "split": "target_train", "seed": 0, "strong_prob": 0.0},
 }  # fmt: skip
 
 
