@@ -14,6 +14,7 @@ arrays. Sections follow the notebooks: 1 class frequencies, training logs, calib
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -48,7 +49,6 @@ __all__ = [
     # notebook 4
     "ABLATION_COLUMNS",
     "load_ablation",
-    "ablation_summary",
     "VARIANT_NOTES",
     "ablation_differences",
     "difference_summary",
@@ -273,6 +273,7 @@ def pseudo_label_table(pseudo_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 ABLATION_COLUMNS: tuple[str, ...] = ("variant", "seed", "stage", "miou")
+_ROUND = re.compile(r"round_\d+$")  # a round's teacher (not "round_k_student")
 
 
 def load_ablation(path: str | os.PathLike) -> pd.DataFrame | None:
@@ -286,12 +287,6 @@ def load_ablation(path: str | os.PathLike) -> pd.DataFrame | None:
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}; expected {list(ABLATION_COLUMNS)} + class columns")
     return df
-
-
-def ablation_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean, standard deviation and number of seeds of the mIoU per (variant, stage), in first-seen order."""
-    g = df.groupby(["variant", "stage"], sort=False)["miou"]
-    return pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "seeds": g.count()})
 
 
 # What each variant is, for tables and figure legends (hias_nb.ablation.VARIANTS holds their settings).
@@ -317,7 +312,7 @@ def ablation_differences(df: pd.DataFrame, baseline: str = "full") -> pd.DataFra
     ``variant, seed, diff``; a seed without the baseline is left out."""
     finals: dict[tuple[str, int], float] = {}
     for (variant, seed), g in df.groupby(["variant", "seed"], sort=False):
-        rounds = g[g["stage"].str.match(r"round_\d+$")]
+        rounds = g[g["stage"].str.match(_ROUND.pattern)]
         if len(rounds):
             finals[(variant, seed)] = float(rounds["miou"].iloc[-1])
         for ref in ("warmup", "control_adabn"):
@@ -441,16 +436,17 @@ def benchmark_calibration(report: dict, reference: Mapping[str, float] = GTA5_CI
     ``rounds_share`` ((final − warm-up) / gain); ``rounds_gain`` (final − warm-up); ``gap_closed`` (gain /
     (oracle − source-only)). A stage the report lacks gives NaN in its rows."""
     miou = {s["name"]: s["miou"] for s in report["stages"]}
-    rounds = [n for n in miou if n.startswith("round_")]
+    rounds = [n for n in miou if _ROUND.match(n)]  # teachers only: a `hias-nb run` report lists students too
     ours = {"source_only": miou.get("source_only"), "warmup": miou.get("warmup"),
             "final": miou[rounds[-1]] if rounds else None, "oracle": miou.get("oracle")}  # fmt: skip
 
     def stats(m: Mapping[str, float | None]) -> dict[str, float]:
-        src, wu, fin, orc = (float("nan") if m[k] is None else float(m[k]) for k in ours)
+        src, wu, fin, orc = (np.float64("nan") if m[k] is None else np.float64(m[k]) for k in ours)
         gain = fin - src
-        return {"source_only": src, "warmup": wu, "final": fin, "oracle": orc, "source/oracle": src / orc,
-                "gain": gain, "warmup_share": (wu - src) / gain, "rounds_share": (fin - wu) / gain,
-                "rounds_gain": fin - wu, "gap_closed": gain / (orc - src)}  # fmt: skip
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero gain or gap: inf / NaN, not an exception
+            return {"source_only": src, "warmup": wu, "final": fin, "oracle": orc, "source/oracle": src / orc,
+                    "gain": gain, "warmup_share": (wu - src) / gain, "rounds_share": (fin - wu) / gain,
+                    "rounds_gain": fin - wu, "gap_closed": gain / (orc - src)}  # fmt: skip
 
     return pd.DataFrame({"toytown": stats(ours), "reference": stats(reference)})
 
@@ -458,7 +454,7 @@ def benchmark_calibration(report: dict, reference: Mapping[str, float] = GTA5_CI
 def hardest_classes(report: dict, n: int = 5) -> list[str]:
     """The `n` classes with the lowest IoU in the final stage (the last round's teacher, else the last stage)."""
     stages = report["stages"]
-    rounds = [s for s in stages if s["name"].startswith("round_")]
+    rounds = [s for s in stages if _ROUND.match(s["name"])]
     final = (rounds or [s for s in stages if s["name"] != "oracle"])[-1]
     return sorted(final["per_class"], key=lambda c: final["per_class"][c])[:n]
 
@@ -561,8 +557,9 @@ def findings_hpla(
         lost = float(sum(probs[c] for c in dropped))
         out.append(f"Without donors, never drawn: {', '.join(classes[c] for c in dropped)} — "
                    f"{100 * lost:.0f} % of the formula's probability, handed to the others.")  # fmt: skip
-    top = sorted(hard, key=lambda c: -used[c])[:3]
-    out.append("Most likely draws: " + ", ".join(f"{classes[c]} {100 * used[c]:.0f} %" for c in top) + ".")
+    top = [c for c in sorted(hard, key=lambda c: -used[c]) if used[c] > 0][:3]
+    if top:
+        out.append("Most likely draws: " + ", ".join(f"{classes[c]} {100 * used[c]:.0f} %" for c in top) + ".")
     return out
 
 
@@ -581,21 +578,23 @@ def findings_stages(report: dict) -> list[str]:
     the classes the rounds moved most, and the teacher against its student."""
     miou = {s["name"]: s["miou"] for s in report["stages"]}
     per = {s["name"]: s["per_class"] for s in report["stages"]}
-    rounds = [n for n in miou if n.startswith("round_")]
+    rounds = [n for n in miou if _ROUND.match(n)]  # teachers only: a `hias-nb run` report lists students too
     if not rounds:
         return ["This run has no self-training round."]
-    final, start = rounds[-1], "warmup" if "warmup" in miou else "source_only_adabn"
-    out = [f"The final stage ({final}'s teacher) scores **{miou[final]:.1f}** mIoU: "
-           f"{miou[final] - miou['source_only']:+.1f} over source-only"
-           + (f", {miou[final] - miou['source_only_adabn']:+.1f} over AdaBN" if "source_only_adabn" in miou else "")
-           + "."]  # fmt: skip
+    final = rounds[-1]
+    refs = (("source_only", "source-only"), ("source_only_adabn", "AdaBN"))
+    over = ", ".join(f"{miou[final] - miou[ref]:+.1f} over {name}" for ref, name in refs if ref in miou)
+    out = [f"The final stage ({final}'s teacher) scores **{miou[final]:.1f}** mIoU" + (f": {over}." if over else ".")]
+    start = next((n for n in ("warmup", "source_only_adabn", "source_only") if n in miou), None)
+    if start is None:  # a run started from a given model (`start_from`): no stage before the rounds
+        return out
     rounds_gain = miou[final] - miou[start]
     verb = "add" if rounds_gain >= 0 else "lose"
     out.append(f"The self-training rounds {verb} **{abs(rounds_gain):.1f}** points against their start ({start}).")
     if len(rounds) > 1:
         steps = ", ".join(f"{a} → {b} {miou[b] - miou[a]:+.1f}" for a, b in zip(rounds, rounds[1:], strict=False))
         out.append(f"Round by round: {steps}.")
-    if "oracle" in miou and miou["oracle"] > miou["source_only"]:
+    if "oracle" in miou and "source_only" in miou and miou["oracle"] > miou["source_only"]:
         closed = (miou[final] - miou["source_only"]) / (miou["oracle"] - miou["source_only"])
         out.append(f"It closes **{100 * closed:.0f} %** of the source-only → oracle gap (oracle {miou['oracle']:.1f}).")
     moved = {c: per[final][c] - per[start][c] for c in per[final]}

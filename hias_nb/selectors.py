@@ -642,10 +642,11 @@ def confidence_histograms(
         out["class"].append((nz // NUM_CODES).astype(np.int16))
         out["code"].append((nz % NUM_CODES).astype(np.int16))
         out["count"].append(cnt.astype(np.int32))
-        if gt is not None:
-            right = key[(pred[b] == gt[b].to(pred.device)).reshape(-1)]
-            hist = np.bincount(right.cpu().numpy(), minlength=num_classes * NUM_CODES)
-            out["correct"].append(hist[nz].astype(np.int32))
+        if gt is not None:  # the right pixels' keys: a subset of the image's, so their bins are among `nz`
+            r_nz, r_cnt = _histogram(key[(pred[b] == gt[b].to(pred.device)).reshape(-1)], num_classes * NUM_CODES)
+            correct = np.zeros(len(nz), dtype=np.int32)
+            correct[np.searchsorted(nz, r_nz)] = r_cnt
+            out["correct"].append(correct)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -672,7 +673,10 @@ class ConfidenceHistogram:
         key += cls
         key *= NUM_CODES
         key += code
-        correct = np.asarray(rows["correct"]).astype(np.int64) if "correct" in rows else None
+        correct = np.asarray(rows["correct"], dtype=np.float64) if "correct" in rows else None
+        if correct is not None and np.isnan(correct).any():  # some batches recorded without labels: none count
+            correct = None
+        correct = None if correct is None else correct.astype(np.int64)
         if len(key) > 1 and np.any(key[1:] < key[:-1]):
             order = np.argsort(key, kind="stable")
             key, count = key[order], count[order]

@@ -537,13 +537,14 @@ def confusion_panel(
     fig = Figure(figsize=(8.2, 7.2), layout="constrained")
     ax = fig.subplots()
     if reference is None:
-        shown, cmap, lo, hi, label = norm, "Blues", 0.0, 1.0, "share of the ground-truth class"
+        values = shown = norm
+        cmap, lo, hi, label = "Blues", 0.0, 1.0, "share of the ground-truth class"
     else:
-        shown = norm - row_normalised(reference)
-        hi = max(0.05, float(np.abs(shown).max()))
-        shown, cmap, lo, label = -shown * (1 - 2 * np.eye(len(classes))), "RdBu", -hi, "gain (blue) / loss (red)"
+        values = norm - row_normalised(reference)
+        hi = max(0.05, float(np.abs(values).max()))
+        shown = -values * (1 - 2 * np.eye(len(classes)))  # diagonal up and off-diagonal down both count as gain
+        cmap, lo, label = "RdBu", -hi, "gain (blue) / loss (red)"
     im = ax.imshow(shown, cmap=cmap, vmin=lo, vmax=hi)
-    values = norm if reference is None else norm - row_normalised(reference)
     for i, j in zip(*np.nonzero(np.abs(values) >= 0.05), strict=True):
         strong = abs(shown[i, j]) > 0.6 * hi
         ax.text(j, i, f"{100 * values[i, j]:.0f}", ha="center", va="center", fontsize=6,

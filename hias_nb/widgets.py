@@ -138,11 +138,14 @@ def train_source_live(cfg: TrainConfig, chunk: int = 10, output: W.Output | None
         raise InputError(f"chunk: must be positive, got {chunk}")
     log_path = Path(cfg.out) / "log.csv"
     while True:
-        with contextlib.redirect_stdout(io.StringIO()) as said:
-            path = train_source(dataclasses.replace(cfg, stop_after=chunk))
-        for line in said.getvalue().splitlines():  # each chunk's "paused at / resuming at" is bookkeeping here
-            if ": paused at iteration" not in line and ": resuming at iteration" not in line:
-                print(line)
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(said):
+                path = train_source(dataclasses.replace(cfg, stop_after=chunk))
+        finally:  # what the chunk said, also when it failed; its "paused at / resuming at" is bookkeeping here
+            for line in said.getvalue().splitlines():
+                if ": paused at iteration" not in line and ": resuming at iteration" not in line:
+                    print(line)
         if output is not None and log_path.exists():
             fig = viz.loss_curves(analysis.read_log(log_path), ["loss"], title=f"source training ({cfg.split})")
             output.outputs = ()  # replace the previous curve (works in and outside a kernel)
@@ -188,7 +191,7 @@ class ThresholdReplay:
         rows = pd.read_parquet(path)
         self.hist = ConfidenceHistogram(rows, self.num_classes)
         self.pixels = int(rows["count"].sum())
-        self.predicted = np.bincount(rows["class"].to_numpy(), rows["count"].to_numpy(), self.num_classes)
+        self.predicted = np.asarray(summary["predicted_pixels"], dtype=np.int64)
         stats = pd.read_parquet(folder / "stats.parquet")
         self.gt_pixels = None
         if self.hist.has_correct and "gt_pixels" in stats:
@@ -250,14 +253,17 @@ class ThresholdReplay:
             line.set_linewidth(lw)
             line.set_alpha(alpha)
         self.image.value = figure_png(self.figure)
-        kept = self.selected.sum() / max(self.pixels, 1)
-        cost = f"replay + redraw {1000 * self.seconds:.0f} ms" if self.seconds else "the folder's own setting"
-        self.status.value = f"kept {100 * kept:.1f}% of the pixels ({cost})"
+        self._status()
         q = self.quality.round(1)
         rows = q.to_html(na_rep="–", border=0, classes="hias-q")
         if shown != self.ALL:
             rows = rows.replace(f"<th>{shown}</th>", f"<th><b>▶ {shown}</b></th>")
         self.table.value = rows if self.gt_pixels is not None else rows + "<i>no labels: precision not known</i>"
+
+    def _status(self) -> None:
+        kept = self.selected.sum() / max(self.pixels, 1)
+        cost = f"replay + redraw {1000 * self.seconds:.0f} ms" if self.seconds else "the folder's own setting"
+        self.status.value = f"kept {100 * kept:.1f}% of the pixels ({cost})"
 
     def _on_change(self, _change=None) -> None:
         t0 = time.perf_counter()
@@ -269,8 +275,9 @@ class ThresholdReplay:
         self.ax.set_xlim(0, x[-1] + 0.5)
         self.ax.set_xlabel(viz.instance_label(self.instance.value))
         self.ax.set_ylim(min(0.0, float(self.thresholds.min()) - 0.02), 1.0)
-        self.seconds = time.perf_counter() - t0
         self._render()
+        self.seconds = time.perf_counter() - t0  # replay and redraw, shown from the next move on
+        self._status()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -183,6 +183,7 @@ def test_loss_map_explorer_checkboxes(pseudo_dir, tiny_toytown, model_ckpt):
     assert w.image.value != png
     w.index.value = 0  # back to a drawn choice: the same picture, from the cache
     assert w.image.value == png == widgets.figure_png(viz.loss_map_figure(w.maps, 0, w.active_weights()), dpi=80)
+    assert len(w._pngs) == 3  # all ticked (image 0), ce unticked (image 0), ce unticked (image 1)
 
 
 def test_resolve_run(tmp_path):
