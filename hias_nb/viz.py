@@ -45,6 +45,7 @@ __all__ = [
     "pseudo_label_gallery",
     # notebook 3
     "class_value_bars",
+    "class_legend",
     # notebook 4
     "loss_map_figure",
     "ablation_plot",
@@ -83,10 +84,15 @@ def toytown_grid(root: str | os.PathLike, n: int = 4, split: str = "train") -> F
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(titles[c], fontsize=9)
-    handles = [Patch(facecolor=CITYSCAPES_PALETTE[k] / 255.0, label=name) for k, name in enumerate(CITYSCAPES_CLASSES)]
+    handles = class_legend(range(len(CITYSCAPES_CLASSES)))
     fig.legend(handles=handles, loc="outside lower center", ncol=7, fontsize=7, frameon=False)
     fig.suptitle(f"toytown samples ({root.name}, {split})", fontsize=10)
     return fig
+
+
+def class_legend(ids: Sequence[int], classes: Sequence[str] = CITYSCAPES_CLASSES) -> list[Patch]:
+    """Legend handles for class ids in the label maps' palette (the colours `overlay` draws)."""
+    return [Patch(facecolor=CITYSCAPES_PALETTE[c] / 255.0, label=classes[c]) for c in ids]
 
 
 def stage_iou_bars(report: dict, stages: list[str] | None = None, title: str | None = None) -> Figure:
@@ -582,7 +588,7 @@ def prediction_gallery(
                 present |= {int(c) for c in np.unique(class_map) if c < len(CITYSCAPES_CLASSES)}
         for ax in cells[len(shown) :]:
             ax.set_visible(False)
-    handles = [Patch(facecolor=CITYSCAPES_PALETTE[c] / 255.0, label=CITYSCAPES_CLASSES[c]) for c in sorted(present)]
+    handles = class_legend(sorted(present))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(7, len(handles)), fontsize=7)
     return fig

@@ -31,10 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from hias_nb import analysis, losses, viz
-from hias_nb.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE
+from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
 from hias_nb.config import config_to_dict, load_config
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
@@ -397,7 +396,7 @@ def hpla_preview_figure(sample: HPLASample, classes: Sequence[str] = CITYSCAPES_
     axes[1, 3].set_xlabel(textwrap.fill(ops, 40), fontsize=8)  # a near-black view is explained by its operations
     pasted = sorted({c for d in sample.draws for c in d.pasted})
     if pasted:
-        handles = [Patch(color=np.asarray(CITYSCAPES_PALETTE[c]) / 255, label=classes[c]) for c in pasted]
+        handles = viz.class_legend(pasted, classes)
         axes[0, 3].legend(handles=handles, fontsize=7, loc="lower left", framealpha=0.8)
     fig.suptitle(f"HPLA: drew {drawn}; pasted {', '.join(classes[c] for d in sample.draws for c in d.pasted)}",
                  fontsize=9)  # fmt: skip
