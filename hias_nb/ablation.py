@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from hias_nb.analysis import last_round
 from hias_nb.data import SegDataset
 from hias_nb.demo import DemoConfig, adabn_checkpoint, demo_config, resolved_config, run_demo
 from hias_nb.errors import InputError
@@ -190,8 +191,8 @@ def ablation_table(df: pd.DataFrame) -> pd.DataFrame:
     """mIoU of each variant's final stage (last round; the control's own stages), mean ± std over seeds."""
     finals = []
     for (variant, seed), g in df.groupby(["variant", "seed"], sort=False):
-        rounds = g[g["stage"].str.match(r"round_\d+$")]
-        pick = rounds.iloc[[-1]] if len(rounds) else g
+        final = last_round(g)
+        pick = final if len(final) else g
         finals.append(pick.assign(variant=variant, seed=seed))
     f = pd.concat(finals)
     table = f.groupby(["variant", "stage"], sort=False)["miou"].agg(["mean", "std", "count"])

@@ -50,6 +50,7 @@ __all__ = [
     "ABLATION_COLUMNS",
     "load_ablation",
     "VARIANT_NOTES",
+    "last_round",
     "ablation_differences",
     "difference_summary",
     # notebook 5
@@ -305,6 +306,12 @@ VARIANT_NOTES: dict[str, str] = {
 }
 
 
+def last_round(group: pd.DataFrame) -> pd.DataFrame:
+    """The row of the last round's teacher (``round_k``, not a student) of one (variant, seed) group of an
+    ablation's long table; empty when the group has no round (the control)."""
+    return group[group["stage"].str.match(_ROUND.pattern)].iloc[-1:]
+
+
 def ablation_differences(df: pd.DataFrame, baseline: str = "full") -> pd.DataFrame:
     """Paired differences of an ablation's long table: per seed, each variant's final mIoU (its last round)
     minus the `baseline` variant's final mIoU on the same seed. Two references come as rows too: ``warmup``
@@ -312,9 +319,9 @@ def ablation_differences(df: pd.DataFrame, baseline: str = "full") -> pd.DataFra
     ``variant, seed, diff``; a seed without the baseline is left out."""
     finals: dict[tuple[str, int], float] = {}
     for (variant, seed), g in df.groupby(["variant", "seed"], sort=False):
-        rounds = g[g["stage"].str.match(_ROUND.pattern)]
-        if len(rounds):
-            finals[(variant, seed)] = float(rounds["miou"].iloc[-1])
+        final = last_round(g)
+        if len(final):
+            finals[(variant, seed)] = float(final["miou"].iloc[0])
         for ref in ("warmup", "control_adabn"):
             if ref in set(g["stage"]):
                 finals.setdefault((ref, seed), float(g.loc[g["stage"] == ref, "miou"].iloc[0]))

@@ -181,6 +181,10 @@ class _SortedSamples:
         pos = np.searchsorted(self.key, segs * NUM_CODES + first_code, side="left")
         return self.cum0[pos] - self.before[segs]
 
+    def at_or_above(self, segs: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Number of samples of each segment at or above the matching threshold (what a selection keeps)."""
+        return self.count[segs] - self.rank_below(segs, values)
+
     def kth(self, segs: np.ndarray, k: np.ndarray) -> np.ndarray:
         """The k-th smallest sample (0-based) of each segment, float64; k is clipped to the valid range."""
         k = np.clip(k, 0, np.maximum(self.count[segs] - 1, 0))
@@ -786,7 +790,7 @@ def replay_ias(
         segs = i * num_classes + classes
         theta = _ias_step(theta, samples, segs, alpha, beta, gamma)
         thresholds[i] = theta
-        selected[i] = samples.count[segs] - samples.rank_below(segs, theta)
+        selected[i] = samples.at_or_above(segs, theta)
     return thresholds, selected
 
 
@@ -804,5 +808,5 @@ def replay_correct(
     out = np.empty((n, hist.num_classes), dtype=np.int64)
     for i in range(n):
         segs = i * hist.num_classes + classes
-        out[i] = samples.count[segs] - samples.rank_below(segs, thresholds[i])
+        out[i] = samples.at_or_above(segs, thresholds[i])
     return out

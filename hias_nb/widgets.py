@@ -38,7 +38,6 @@ from hias_nb.config import config_to_dict, load_config
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.hpla import HPLA, Draw
-from hias_nb.io import read_json
 from hias_nb.pseudo_label import PseudoLabelConfig, load_pseudo_summary
 from hias_nb.selectors import ConfidenceHistogram, cbst_from_histograms, replay_correct, replay_ias
 from hias_nb.self_train import PseudoLabelledTarget, SelfTrainConfig, build_hpla, round_views
@@ -83,11 +82,11 @@ class RunTarget:
         return SegDataset(self.dataset, self.root, self.val_split)
 
 
-def run_target(run: str | os.PathLike, data_root: str | os.PathLike = "../data/toytown") -> RunTarget:
-    """The target of a finished run: a `hias-nb run` experiment's (from its report: ``target_dataset``,
-    ``target_root``, ``target_split``, ``val_split``), else a toytown demo's in `data_root` (the notebook's
-    DATA_ROOT: a demo records its root relative to where it ran)."""
-    config = (read_json(Path(run) / "report.json").get("config") or {}).get("experiment")
+def run_target(report: dict, data_root: str | os.PathLike = "../data/toytown") -> RunTarget:
+    """The target of a finished run, from its `report` (report.json): a `hias-nb run` experiment's
+    (``target_dataset``, ``target_root``, ``target_split``, ``val_split``), else a toytown demo's in `data_root`
+    (the notebook's DATA_ROOT: a demo records its root relative to where it ran)."""
+    config = (report.get("config") or {}).get("experiment")
     if config:
         return RunTarget(config["target_dataset"], config["target_root"], config["target_split"], config["val_split"])
     return RunTarget("toytown", str(data_root), "target_train", "target_val")

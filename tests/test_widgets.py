@@ -241,13 +241,13 @@ def test_confusion_picker_starts_on_the_rounds_change_and_follows_its_controls()
 
 
 def test_run_target_reads_an_experiments_target_and_falls_back_to_toytown(tmp_path, tiny_toytown):
-    from hias_nb.io import write_json
+    from hias_nb.io import read_json, write_json
 
     demo, exp = tmp_path / "demo", tmp_path / "exp"
     write_json(demo / "report.json", {"config": {"demo": {"data_root": "data/toytown"}, "quick": True}})
     write_json(exp / "report.json", {"config": {"experiment": {"target_dataset": "toytown", "target_root":
                str(tiny_toytown), "target_split": "target_train", "val_split": "target_val"}}})  # fmt: skip
-    assert widgets.run_target(demo, "../data/toytown") == widgets.RunTarget(
+    assert widgets.run_target(read_json(demo / "report.json"), "../data/toytown") == widgets.RunTarget(
         "toytown", "../data/toytown", "target_train", "target_val")  # fmt: skip
-    t = widgets.run_target(exp, "ignored")
+    t = widgets.run_target(read_json(exp / "report.json"), "ignored")
     assert t.root == str(tiny_toytown) and len(t.val()) == len(SegDataset("toytown", tiny_toytown, "target_val"))
