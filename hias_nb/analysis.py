@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,8 @@ from hias_nb.train import load_model
 __all__ = [
     "overlay",
     "selection_map",
+    "round_teachers",
+    "student_mious",
     # notebook 1
     "class_frequencies",
     "read_log",
@@ -277,6 +280,18 @@ ABLATION_COLUMNS: tuple[str, ...] = ("variant", "seed", "stage", "miou")
 _ROUND = re.compile(r"round_\d+$")  # a round's teacher (not "round_k_student")
 
 
+def round_teachers(report: dict) -> list[str]:
+    """The names of a report's round teachers in order (``round_1``, ``round_2``, ...): a `hias-nb run` report
+    lists each round's student as a stage too (``round_k_student``), a demo report under ``students``."""
+    return [s["name"] for s in report["stages"] if _ROUND.match(s["name"])]
+
+
+def student_mious(report: dict) -> dict[str, float]:
+    """``{round_k_student: mIoU}`` from either report layout (demo: ``students``; `hias-nb run`: ``stages``)."""
+    listed = [*report.get("students", []), *report["stages"]]
+    return {s["name"]: s["miou"] for s in listed if s["name"].startswith("round_") and s["name"].endswith("_student")}
+
+
 def load_ablation(path: str | os.PathLike) -> pd.DataFrame | None:
     """The ablation CSV (long format: ``variant, seed, stage, miou`` plus one IoU column per class), or None
     when the file does not exist yet. A file without the required columns is an `InputError`."""
@@ -364,25 +379,31 @@ def stage_checkpoints(run_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def stage_confusions(
-    checkpoints: Mapping[str, Path], dataset: Dataset, device: str, max_images: int | None = None
+    checkpoints: Mapping[str, Path], dataset: Dataset, device: str, max_images: int | None = None, **settings: Any
 ) -> dict[str, np.ndarray]:
     """Confusion matrix ``[C,C]`` (rows ground truth, columns prediction) of each checkpoint on `dataset`
-    (the first ``max_images`` items when given)."""
+    (the first ``max_images`` items when given); `settings` go to `evaluate` (``size``, ``batch_size``,
+    ``scales``, ``flip``: a run's own, ``RunTarget.eval_settings``, so the numbers match its report)."""
     if max_images is not None:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     protocol = dataset.dataset.protocol if isinstance(dataset, Subset) else dataset.protocol
     return {
-        name: evaluate(load_model(path, device), dataset, protocol, device, progress=False).matrix
+        name: evaluate(load_model(path, device), dataset, protocol, device, progress=False, **settings).matrix
         for name, path in checkpoints.items()
     }
 
 
 def checkpoint_report(
-    checkpoints: Mapping[str, os.PathLike | str], dataset: SegDataset, device: str, max_images: int | None = None
+    checkpoints: Mapping[str, os.PathLike | str],
+    dataset: SegDataset,
+    device: str,
+    max_images: int | None = None,
+    **settings: Any,
 ) -> dict:
-    """Evaluate checkpoints on `dataset` (its first ``max_images`` items when given); a report-like dict
-    (``protocol``, ``classes``, one stage per checkpoint) for ``stage_iou_bars`` and ``report_table``."""
-    matrices = stage_confusions({k: Path(v) for k, v in checkpoints.items()}, dataset, device, max_images)
+    """Evaluate checkpoints on `dataset` (its first ``max_images`` items when given, `settings` as in
+    `stage_confusions`); a report-like dict (``protocol``, ``classes``, one stage per checkpoint) for
+    ``stage_iou_bars`` and ``report_table``."""
+    matrices = stage_confusions({k: Path(v) for k, v in checkpoints.items()}, dataset, device, max_images, **settings)
     protocol = dataset.protocol
     stages = [stage_entry(name, EvalResult(protocol, m, 0.0)) for name, m in matrices.items()]
     return {"protocol": protocol.name, "classes": list(protocol.classes), "stages": stages}
@@ -390,17 +411,22 @@ def checkpoint_report(
 
 @torch.no_grad()
 def checkpoint_predictions(
-    checkpoints: Mapping[str, os.PathLike | str], dataset: Dataset, indices: Sequence[int], device: str
+    checkpoints: Mapping[str, os.PathLike | str],
+    dataset: Dataset,
+    indices: Sequence[int],
+    device: str,
+    size: tuple[int, int] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, list[np.ndarray]]]:
     """Items `indices` of `dataset` and each checkpoint's prediction on them: ``(images, labels, predictions)``
     with images uint8 ``[H,W,3]``, labels int64 ``[H,W]`` and ``predictions[name]`` the argmax int64 ``[H,W]``
-    per item (one list entry per index, so items may differ in size)."""
+    per item (one list entry per index, so items may differ in size); `size`: the network's input size, its
+    output upsampled to the item's (``evaluate.predict_probs``; None: the item's own)."""
     items = [dataset[i] for i in indices]
     predictions = {}
     for name, path in checkpoints.items():
         model = load_model(Path(path), device).eval()
         predictions[name] = [
-            predict_probs(model, it["image"][None].to(device)).argmax(1)[0].cpu().numpy() for it in items
+            predict_probs(model, it["image"][None].to(device), size=size).argmax(1)[0].cpu().numpy() for it in items
         ]
     images = [it["image"].permute(1, 2, 0).numpy() for it in items]
     return images, [it["label"].numpy() for it in items], predictions
@@ -422,9 +448,9 @@ def gap_table(report: dict) -> pd.DataFrame:
 
 def student_teacher_table(report: dict) -> pd.DataFrame:
     """mIoU of each round's EMA teacher (the stage) and its student (``report["students"]``)."""
-    students = {s["name"].removesuffix("_student"): s["miou"] for s in report.get("students", [])}
-    rows = [{"round": s["name"], "teacher": s["miou"], "student": students.get(s["name"])}
-            for s in report["stages"] if s["name"].startswith("round_")]  # fmt: skip
+    students = student_mious(report)
+    miou = {s["name"]: s["miou"] for s in report["stages"]}
+    rows = [{"round": r, "teacher": miou[r], "student": students.get(f"{r}_student")} for r in round_teachers(report)]
     return pd.DataFrame(rows, columns=["round", "teacher", "student"]).set_index("round")
 
 
@@ -443,7 +469,7 @@ def benchmark_calibration(report: dict, reference: Mapping[str, float] = GTA5_CI
     ``rounds_share`` ((final − warm-up) / gain); ``rounds_gain`` (final − warm-up); ``gap_closed`` (gain /
     (oracle − source-only)). A stage the report lacks gives NaN in its rows."""
     miou = {s["name"]: s["miou"] for s in report["stages"]}
-    rounds = [n for n in miou if _ROUND.match(n)]  # teachers only: a `hias-nb run` report lists students too
+    rounds = round_teachers(report)
     ours = {"source_only": miou.get("source_only"), "warmup": miou.get("warmup"),
             "final": miou[rounds[-1]] if rounds else None, "oracle": miou.get("oracle")}  # fmt: skip
 
@@ -460,9 +486,9 @@ def benchmark_calibration(report: dict, reference: Mapping[str, float] = GTA5_CI
 
 def hardest_classes(report: dict, n: int = 5) -> list[str]:
     """The `n` classes with the lowest IoU in the final stage (the last round's teacher, else the last stage)."""
-    stages = report["stages"]
-    rounds = [s for s in stages if _ROUND.match(s["name"])]
-    final = (rounds or [s for s in stages if s["name"] != "oracle"])[-1]
+    stages = {s["name"]: s for s in report["stages"]}
+    rounds = round_teachers(report)
+    final = stages[rounds[-1]] if rounds else [s for n, s in stages.items() if n != "oracle"][-1]
     return sorted(final["per_class"], key=lambda c: final["per_class"][c])[:n]
 
 
@@ -585,7 +611,7 @@ def findings_stages(report: dict) -> list[str]:
     the classes the rounds moved most, and the teacher against its student."""
     miou = {s["name"]: s["miou"] for s in report["stages"]}
     per = {s["name"]: s["per_class"] for s in report["stages"]}
-    rounds = [n for n in miou if _ROUND.match(n)]  # teachers only: a `hias-nb run` report lists students too
+    rounds = round_teachers(report)
     if not rounds:
         return ["This run has no self-training round."]
     final = rounds[-1]
@@ -607,7 +633,7 @@ def findings_stages(report: dict) -> list[str]:
     moved = {c: per[final][c] - per[start][c] for c in per[final]}
     out.append(f"Classes the rounds helped most: {_ranked(moved, 3, largest=True)}; "
                f"hurt most: {_ranked(moved, 3, largest=False)} (IoU points, {start} → {final}).")  # fmt: skip
-    students = {s["name"]: s["miou"] for s in report.get("students", [])}
+    students = student_mious(report)
     if f"{final}_student" in students:
         out.append(f"{final}'s EMA teacher {miou[final]:.1f} against its student {students[final + '_student']:.1f}.")
     return out

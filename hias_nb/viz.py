@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from hias_nb.analysis import checkpoint_predictions, expected_calibration_error, overlay, selection_map
 from hias_nb.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
-from hias_nb.data import SegDataset
+from hias_nb.data import SegDataset, resize_image, resize_label
 from hias_nb.errors import InputError
 from hias_nb.io import read_label, read_rgb
 from hias_nb.losses import LOSS_TERMS, total_loss_map
@@ -371,7 +371,7 @@ def pseudo_label_gallery(
     split: str = "target_train",
 ) -> Figure:
     """Rows of target images: image, pseudo-label overlay (ignored pixels unblended), ground-truth overlay and
-    the ``selection_map`` (correct / wrong / ignored)."""
+    the ``selection_map`` (correct / wrong / ignored), at the pseudo-labels' size."""
     ds = SegDataset(dataset, data_root, split)
     index = {s.id: i for i, s in enumerate(ds.samples)}
     names = list(names) if names is not None else [s.id for s in ds.samples[:n]]
@@ -381,9 +381,12 @@ def pseudo_label_gallery(
     for r, name in enumerate(names):
         if name not in index:
             raise InputError(f"{pseudo_dir}: image {name!r} is not in {dataset}/{split}")
-        item = ds[index[name]]
-        image, gt = item["image"].permute(1, 2, 0).numpy(), item["label"].numpy()
         pseudo = read_label(Path(pseudo_dir) / "labels" / f"{name}.png")
+        item = ds[index[name]]
+        if tuple(item["label"].shape) != pseudo.shape:  # labels made at pseudo.resize (a paper run: 512x1024)
+            size = tuple(pseudo.shape)
+            item = {"image": resize_image(item["image"], size), "label": resize_label(item["label"], size)}
+        image, gt = item["image"].permute(1, 2, 0).numpy(), item["label"].numpy()
         for c, shown in enumerate((image, overlay(image, pseudo, 0.7), overlay(image, gt, 0.7),
                                    selection_map(pseudo, gt))):  # fmt: skip
             axes[r, c].imshow(shown, interpolation="nearest")
@@ -565,12 +568,17 @@ def confusion_panel(
 
 
 def prediction_gallery(
-    checkpoints: dict[str, Path], dataset: Dataset, indices: Sequence[int], device: str, cols: int = 4
+    checkpoints: dict[str, Path],
+    dataset: Dataset,
+    indices: Sequence[int],
+    device: str,
+    cols: int = 4,
+    size: tuple[int, int] | None = None,
 ) -> Figure:
     """For each image of `dataset` at `indices`: the image, its label and each checkpoint's prediction
-    (overlays from ``analysis.checkpoint_predictions``), `cols` panels to a row so each stays readable at a
-    notebook's width, and a colour legend of the classes shown."""
-    images, labels, predictions = checkpoint_predictions(checkpoints, dataset, indices, device)
+    (overlays from ``analysis.checkpoint_predictions``, the network run at `size`), `cols` panels to a row so
+    each stays readable at a notebook's width, and a colour legend of the classes shown."""
+    images, labels, predictions = checkpoint_predictions(checkpoints, dataset, indices, device, size)
     per_image = 2 + len(predictions)
     rows_per = -(-per_image // cols)
     fig = Figure(figsize=(3.0 * cols, (1.65 * rows_per + 0.15) * len(indices) + 0.9), layout="constrained")

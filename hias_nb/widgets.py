@@ -23,8 +23,9 @@ import os
 import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ipywidgets as W
 import numpy as np
@@ -74,6 +75,14 @@ class RunTarget:
     root: str
     train_split: str  # the pseudo-labelled split
     val_split: str  # the evaluated split
+    # how the run evaluated (`hias-nb run`'s ``evaluate`` section: size, batch_size, scales, flip), for
+    # ``analysis.stage_confusions`` / ``checkpoint_report``, so a notebook's numbers are the report's
+    eval_settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eval_size(self) -> tuple[int, int] | None:
+        size = self.eval_settings.get("size")
+        return None if size is None else (int(size[0]), int(size[1]))
 
     def train(self) -> SegDataset:
         return SegDataset(self.dataset, self.root, self.train_split)
@@ -88,7 +97,14 @@ def run_target(report: dict, data_root: str | os.PathLike = "../data/toytown") -
     (the notebook's DATA_ROOT: a demo records its root relative to where it ran)."""
     config = (report.get("config") or {}).get("experiment")
     if config:
-        return RunTarget(config["target_dataset"], config["target_root"], config["target_split"], config["val_split"])
+        ev = dict(config.get("evaluate") or {})
+        if ev.get("size") is not None:
+            ev["size"] = tuple(ev["size"])
+        if ev.get("scales") is not None:
+            ev["scales"] = tuple(ev["scales"])
+        return RunTarget(
+            config["target_dataset"], config["target_root"], config["target_split"], config["val_split"], ev
+        )
     return RunTarget("toytown", str(data_root), "target_train", "target_val")
 
 

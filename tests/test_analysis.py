@@ -204,6 +204,23 @@ def test_gap_and_student_teacher_tables():
     assert st.loc["round_1"].tolist() == [50.0, 48.0]
 
 
+def test_rounds_and_students_read_alike_from_a_demo_and_a_run_report():
+    """A demo report lists students under ``students``; a `hias-nb run` report lists them as stages."""
+    demo = {"stages": [{"name": "warmup", "miou": 30.0}, {"name": "round_1", "miou": 35.0},
+                       {"name": "round_2", "miou": 36.0}, {"name": "oracle", "miou": 60.0}],
+            "students": [{"name": "round_1_student", "miou": 34.0},
+                         {"name": "round_2_student", "miou": 33.0}]}  # fmt: skip
+    for s in [*demo["stages"], *demo["students"]]:
+        s["per_class"] = {"road": s["miou"]}
+    run = {"stages": [*demo["stages"][:3], *demo["students"]]}
+    for report in (demo, run):
+        assert analysis.round_teachers(report) == ["round_1", "round_2"]
+        assert analysis.student_mious(report) == {"round_1_student": 34.0, "round_2_student": 33.0}
+        st = analysis.student_teacher_table(report)
+        assert st.index.tolist() == ["round_1", "round_2"] and st["student"].tolist() == [34.0, 33.0]
+        assert any("36.0 against its student 33.0" in line for line in analysis.findings_stages(report))
+
+
 def test_benchmark_calibration_and_hardest_classes_by_hand():
     pc = {"road": 90.0, "pole": 10.0, "car": 50.0, "bus": 5.0}
     report = {"stages": [{"name": "source_only", "miou": 20.0}, {"name": "source_only_adabn", "miou": 24.0},

@@ -6,12 +6,16 @@ slow tests execute each notebook with papermill (``-p QUICK True -p RUN_DIR ...`
 ``notebooks/``) against one cached, deliberately tiny demo run, ``runs/tests/demo_quick``: the tests check that
 the notebooks run, not the numbers, and a real quick demo costs minutes on a 2-core CPU (the user's own
 ``runs/demo_quick`` is left alone).
-Executed copies go to a temporary folder; the committed notebooks are never touched.
+Notebooks 02–05 also run with RUN_DIR set to a `hias-nb run gta5_to_cityscapes --smoke` folder (tiny datasets in
+the real layouts, ``runs/tests/smoke_gta5_to_cityscapes``, made once), and the checkpoints they re-evaluate must
+score what that run's report says. Executed copies go to a temporary folder; the committed notebooks are never
+touched.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +31,9 @@ TINY = {"source.iterations": 40, "warmup.iterations": 10, "round.iterations": 20
         "pretrain.images": 64}  # fmt: skip
 TOYTOWN = REPO / "data" / "toytown"
 PRETRAIN = REPO / "runs" / "tests" / "pretrain"  # the tiny pretraining, apart from the demo's cache
+SMOKE_RUN = REPO / "runs" / "tests" / "smoke_gta5_to_cityscapes"
+# The notebooks that open any run folder (a toytown demo or a `hias-nb run` experiment); 01 and 06 are toytown's.
+RUN_NOTEBOOKS = [p for p in NOTEBOOKS if p.name[:2] in ("02", "03", "04", "05")]
 
 # A notebook cell may take a while on 2 shared cores (training a few iterations, building histograms).
 CELL_TIMEOUT_S = 300
@@ -88,6 +95,59 @@ def test_notebook_committed_without_outputs(path: Path):
 @pytest.mark.notebooks
 @notebook_params
 def test_notebook_executes_quick(path: Path, quick_run: Path, tmp_path: Path):
+    _execute(path, quick_run, tmp_path)
+
+
+def ensure_smoke_run() -> Path:
+    """A `hias-nb run gta5_to_cityscapes --smoke` on tiny GTA5/Cityscapes trees in their real layouts and sizes
+    (made once under runs/tests/, then reused): what notebooks 2–5 show for a paper-pipeline run."""
+    import realistic_trees as trees
+
+    from hias_nb.cli import main
+
+    if not (SMOKE_RUN / "report.json").exists():
+        layouts = SMOKE_RUN.parent / "smoke_layouts"
+        shutil.rmtree(layouts, ignore_errors=True)
+        gta5, cityscapes = trees.gta5(layouts / "GTA5"), trees.cityscapes(layouts / "cityscapes")
+        args = ["run", str(REPO / "configs" / "experiments" / "gta5_to_cityscapes.yaml"), "--smoke", "--source_root",
+                str(gta5), "--target_root", str(cityscapes), "--out", str(SMOKE_RUN), "--device", "cpu"]  # fmt: skip
+        assert main(args) == 0
+    return SMOKE_RUN
+
+
+@pytest.fixture(scope="session")
+def smoke_run() -> Path:
+    return ensure_smoke_run()
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+@pytest.mark.parametrize("path", RUN_NOTEBOOKS, ids=_ids(RUN_NOTEBOOKS))
+def test_notebook_executes_on_a_paper_pipeline_run(path: Path, smoke_run: Path, tmp_path: Path):
+    _execute(path, smoke_run, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+def test_a_paper_runs_checkpoints_rescored_as_the_notebooks_do_match_its_report(smoke_run: Path):
+    """Notebooks 4 and 5 re-evaluate a run's checkpoints; with the run's own evaluation settings
+    (``RunTarget.eval_settings``) they must give the numbers its report.json holds."""
+    import json
+
+    from hias_nb import analysis, widgets
+
+    report = json.loads((smoke_run / "report.json").read_text())
+    tgt = widgets.run_target(report)
+    assert tgt.dataset == "cityscapes" and tgt.eval_size == (64, 128)
+    checkpoints = analysis.stage_checkpoints(smoke_run)
+    again = analysis.checkpoint_report(checkpoints, tgt.val(), "cpu", **tgt.eval_settings)
+    ours = {s["name"]: s["miou"] for s in again["stages"]}
+    theirs = {s["name"]: s["miou"] for s in report["stages"]}
+    assert set(ours) == set(theirs) and len(ours) == 8
+    assert ours == pytest.approx(theirs, abs=1e-6)
+
+
+def _execute(path: Path, run_dir: Path, tmp_path: Path) -> None:
     import papermill
 
     committed = path.read_bytes()
@@ -97,7 +157,7 @@ def test_notebook_executes_quick(path: Path, quick_run: Path, tmp_path: Path):
     papermill.execute_notebook(
         str(path),
         str(out),
-        parameters={"QUICK": True, "RUN_DIR": str(quick_run)},
+        parameters={"QUICK": True, "RUN_DIR": str(run_dir)},
         cwd=str(NOTEBOOK_DIR),
         kernel_name="python3",
         execution_timeout=CELL_TIMEOUT_S,

@@ -251,3 +251,10 @@ def test_run_target_reads_an_experiments_target_and_falls_back_to_toytown(tmp_pa
         "toytown", "../data/toytown", "target_train", "target_val")  # fmt: skip
     t = widgets.run_target(read_json(exp / "report.json"), "ignored")
     assert t.root == str(tiny_toytown) and len(t.val()) == len(SegDataset("toytown", tiny_toytown, "target_val"))
+    assert t.eval_settings == {} and t.eval_size is None  # evaluated as the run did: here its defaults
+    report = read_json(exp / "report.json")
+    report["config"]["experiment"]["evaluate"] = {"size": [64, 128], "batch_size": 2, "scales": [1.0], "flip": False}
+    t = widgets.run_target(report)
+    assert t.eval_size == (64, 128) and t.eval_settings == {"size": (64, 128), "batch_size": 2, "scales": (1.0,),
+                                                             "flip": False}  # fmt: skip
+    assert widgets.run_target(read_json(demo / "report.json")).eval_settings == {}  # a demo: native size
