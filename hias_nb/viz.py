@@ -48,9 +48,11 @@ __all__ = [
     "class_legend",
     # notebook 4
     "loss_map_figure",
+    "LossMapFigure",
     "ablation_plot",
     # notebook 5
     "confusion_panel",
+    "ConfusionPanel",
     "row_normalised",
     "prediction_gallery",
 ]
@@ -458,38 +460,68 @@ def class_value_bars(
 def loss_map_figure(maps: dict, index: int = 0, weights: dict[str, float] | None = None) -> Figure:
     """One image of a ``loss_maps`` batch: the weak and strong views, the pseudo-label, each term's map and
     (with `weights`) the weighted total; colour = contribution per pixel (×1e6 for readability)."""
-    weak, strong = maps["weak"][index], maps["strong"][index]
-    panels = [
-        ("weak view (teacher)", weak, None),
-        ("strong view (student)", strong, None),
-        ("pseudo-label", overlay(weak, maps["label"][index], 0.7), None),
-    ]
-    for t in LOSS_TERMS:
-        value = maps["scalars"][t]
-        if weights is None:
-            panels.append((f"{t}: {value:.3f} (unweighted)", maps[t][index] * 1e6, "magma"))
-        elif weights.get(t, 0.0) == 0:  # left out of the total: drawn grey, so it does not read as a part of it
-            panels.append((f"{t}: off (λ 0; unweighted {value:.3f})", maps[t][index] * 1e6, "Greys"))
-        else:
-            lam = weights[t]
-            panels.append((f"{t}: {value:.3f} × λ {lam:g} = {lam * value:.3f}", maps[t][index] * 1e6, "magma"))
-    if weights is not None:
-        total = total_loss_map(maps, weights)
-        panels.append((f"total Σ λ·term = {float(total.sum()):.3f}", total[index] * 1e6, "viridis"))
-    fig = Figure(figsize=(12, 4.6), layout="constrained")
-    axes = fig.subplots(2, 4).ravel()
-    for ax, (title, data, cmap) in zip(axes, panels, strict=False):
-        im = ax.imshow(data, cmap=cmap, interpolation="nearest")
-        if cmap is not None:
-            fig.colorbar(im, ax=ax, shrink=0.7)
-        ax.set_title(title, fontsize=9)
-        _no_ticks(ax)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
-    title = ("Per-pixel loss contributions (colour: value × 10⁶, unweighted); a term's map sums over the batch to its "
-             "value, the total's to Σ λ·term")  # fmt: skip
-    fig.suptitle(title, fontsize=10)
-    return fig
+    return LossMapFigure(maps, with_total=weights is not None).update(index, weights)
+
+
+class LossMapFigure:
+    """`loss_map_figure`'s panels built once and redrawn in place: ``update(index, weights)`` sets each panel's
+    pixels, colour map, colour limits and title (the colour bars follow), so a widget redraw costs one draw of
+    the figure, not a new one (``benchmarks/bench_widgets.py``). `maps` as ``losses.loss_maps`` returns it."""
+
+    def __init__(self, maps: dict, with_total: bool = True) -> None:
+        self.maps, self.with_total = maps, with_total
+        self.figure = Figure(figsize=(12, 4.6), layout="constrained")
+        axes = self.figure.subplots(2, 4).ravel()
+        panels = self._panels(0, {} if with_total else None)
+        self.images = []
+        for ax, (title, data, cmap) in zip(axes, panels, strict=False):
+            im = ax.imshow(data, cmap=cmap, interpolation="nearest")
+            if cmap is not None:
+                self.figure.colorbar(im, ax=ax, shrink=0.7)
+            ax.set_title(title, fontsize=9)
+            _no_ticks(ax)
+            self.images.append(im)
+        for ax in axes[len(panels) :]:
+            ax.set_visible(False)
+        title = ("Per-pixel loss contributions (colour: value × 10⁶, unweighted); a term's map sums over the batch to "
+                 "its value, the total's to Σ λ·term")  # fmt: skip
+        self.figure.suptitle(title, fontsize=10)
+
+    def _panels(self, index: int, weights: dict[str, float] | None) -> list[tuple[str, np.ndarray, str | None]]:
+        maps = self.maps
+        weak, strong = maps["weak"][index], maps["strong"][index]
+        panels = [
+            ("weak view (teacher)", weak, None),
+            ("strong view (student)", strong, None),
+            ("pseudo-label", overlay(weak, maps["label"][index], 0.7), None),
+        ]
+        for t in LOSS_TERMS:
+            value = maps["scalars"][t]
+            if weights is None:
+                panels.append((f"{t}: {value:.3f} (unweighted)", maps[t][index] * 1e6, "magma"))
+            elif weights.get(t, 0.0) == 0:  # left out of the total: drawn grey, so it does not read as a part of it
+                panels.append((f"{t}: off (λ 0; unweighted {value:.3f})", maps[t][index] * 1e6, "Greys"))
+            else:
+                lam = weights[t]
+                panels.append((f"{t}: {value:.3f} × λ {lam:g} = {lam * value:.3f}", maps[t][index] * 1e6, "magma"))
+        if weights is not None:
+            total = total_loss_map(maps, weights)
+            panels.append((f"total Σ λ·term = {float(total.sum()):.3f}", total[index] * 1e6, "viridis"))
+        return panels
+
+    def update(self, index: int, weights: dict[str, float] | None = None) -> Figure:
+        """Show image `index` of the batch under `weights` (None: unweighted terms, no total)."""
+        if (weights is not None) != self.with_total:
+            built = "with" if self.with_total else "without"
+            raise InputError(f"weights: this figure was built {built} a total (give weights exactly when it has one)")
+        for im, (title, data, cmap) in zip(self.images, self._panels(index, weights), strict=True):
+            im.set_data(data)
+            if cmap is not None:  # each change redraws the colour bar: change only what differs, limits at once
+                if im.get_cmap().name != cmap:
+                    im.set_cmap(cmap)
+                im.set_clim(float(data.min()), float(data.max()))
+            im.axes.set_title(title, fontsize=9)
+        return self.figure
 
 
 def ablation_plot(diffs: pd.DataFrame) -> Figure:
@@ -542,29 +574,51 @@ def confusion_panel(
     """One row-normalised confusion matrix, readable at a notebook's width, shares ≥ 0.05 written in the cells;
     with `reference`, the difference ``matrix − reference`` (both row-normalised) on a diverging scale: blue
     on the diagonal is recall gained, red off it is confusion added."""
-    norm = row_normalised(matrix)
-    fig = Figure(figsize=(8.2, 7.2), layout="constrained")
-    ax = fig.subplots()
-    if reference is None:
-        values = shown = norm
-        cmap, lo, hi, label = "Blues", 0.0, 1.0, "share of the ground-truth class"
-    else:
-        values = norm - row_normalised(reference)
-        hi = max(0.05, float(np.abs(values).max()))
-        shown = -values * (1 - 2 * np.eye(len(classes)))  # diagonal up and off-diagonal down both count as gain
-        cmap, lo, label = "RdBu", -hi, "gain (blue) / loss (red)"
-    im = ax.imshow(shown, cmap=cmap, vmin=lo, vmax=hi)
-    for i, j in zip(*np.nonzero(np.abs(values) >= 0.05), strict=True):
-        strong = abs(shown[i, j]) > 0.6 * hi
-        ax.text(j, i, f"{100 * values[i, j]:.0f}", ha="center", va="center", fontsize=6,
-                color="white" if strong else "black")  # fmt: skip
-    ax.set_xticks(range(len(classes)), list(classes), rotation=90, fontsize=8)
-    ax.set_yticks(range(len(classes)), list(classes), fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8, label=label)
-    return fig
+    return ConfusionPanel(classes).update(matrix, title, reference)
+
+
+class ConfusionPanel:
+    """`confusion_panel` built once for a class list and redrawn in place by ``update`` (pixels, colour map and
+    limits, colour-bar label, title, and the cell numbers: one text per cell made at start, shown where the
+    share is ≥ 0.05), so a widget's change costs one draw (``benchmarks/bench_widgets.py``)."""
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        n = len(classes)
+        self.figure = Figure(figsize=(8.2, 7.2), layout="constrained")
+        self.ax = ax = self.figure.subplots()
+        self.image = ax.imshow(np.zeros((n, n)), cmap="Blues", vmin=0.0, vmax=1.0)
+        self.texts = [[ax.text(j, i, "", ha="center", va="center", fontsize=6, visible=False) for j in range(n)]
+                      for i in range(n)]  # fmt: skip
+        ax.set_xticks(range(n), list(classes), rotation=90, fontsize=8)
+        ax.set_yticks(range(n), list(classes), fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("ground truth")
+        self.colorbar = self.figure.colorbar(self.image, ax=ax, shrink=0.8, label="gain (blue) / loss (red)")
+
+    def update(self, matrix: np.ndarray, title: str, reference: np.ndarray | None = None) -> Figure:
+        norm = row_normalised(matrix)
+        if reference is None:
+            values = shown = norm
+            cmap, lo, hi, label = "Blues", 0.0, 1.0, "share of the ground-truth class"
+        else:
+            values = norm - row_normalised(reference)
+            hi = max(0.05, float(np.abs(values).max()))
+            shown = -values * (1 - 2 * np.eye(len(values)))  # diagonal up and off-diagonal down both count as gain
+            cmap, lo, label = "RdBu", -hi, "gain (blue) / loss (red)"
+        self.image.set_data(shown)
+        if self.image.get_cmap().name != cmap:
+            self.image.set_cmap(cmap)
+        self.image.set_clim(lo, hi)
+        self.colorbar.set_label(label)
+        for i, row in enumerate(self.texts):
+            for j, text in enumerate(row):
+                visible = bool(abs(values[i, j]) >= 0.05)
+                text.set_visible(visible)
+                if visible:
+                    text.set_text(f"{100 * values[i, j]:.0f}")
+                    text.set_color("white" if abs(shown[i, j]) > 0.6 * hi else "black")
+        self.ax.set_title(title, fontsize=10)
+        return self.figure
 
 
 def prediction_gallery(

@@ -30,7 +30,9 @@ from typing import Any
 import ipywidgets as W
 import numpy as np
 import pandas as pd
+import PIL.Image
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hias_nb import analysis, losses, viz
@@ -54,6 +56,7 @@ __all__ = [
     "HPLASample",
     "hpla_preview",
     "hpla_preview_figure",
+    "HPLAPreviewFigure",
     "describe_ops",
     "ConfusionPicker",
     "HPLAPreview",
@@ -135,9 +138,17 @@ def resolve_run(
 
 
 def figure_png(fig: Figure, dpi: int = 80) -> bytes:
-    """PNG bytes of a figure (what the widgets put into their ``ipywidgets.Image``)."""
+    """PNG bytes of a figure (what the widgets put into their ``ipywidgets.Image``): the pixels
+    ``fig.savefig(format="png", dpi=dpi)`` gives, drawn once on an Agg canvas and encoded at low compression.
+
+    ``savefig`` draws a figure that has (or had) a layout engine twice, and compresses at level 6: each widget
+    redraw paid for both (≈ 40 % of a replay move, ``benchmarks/bench_widgets.py``)."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    if fig.dpi != dpi:
+        fig.set_dpi(dpi)
+    canvas.draw()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    PIL.Image.fromarray(np.asarray(canvas.buffer_rgba())).save(buf, format="png", compress_level=1)
     return buf.getvalue()
 
 
@@ -224,13 +235,17 @@ class ThresholdReplay:
         self.image = _image_widget()
         self.status = W.HTML()
         self.table = W.HTML()
-        self.figure = Figure(figsize=(10, 4.2), layout="constrained")
+        self.figure = Figure(figsize=(7.6, 4.2), layout="constrained")
         self.ax = self.figure.subplots()
         self.thresholds, self.selected = self._replay()
         self.lines = viz.draw_threshold_curves(self.ax, self.thresholds, self.classes, hard, self.cbst, constant,
                                                self.instance.value)  # fmt: skip
         self.styles = [(ln.get_linewidth(), ln.get_alpha()) for ln in self.lines]
-        self.ax.legend(fontsize=7, ncols=2, loc="center left", bbox_to_anchor=(1.07, 0.5))
+        # The legend never changes: drawn once beside the plot, not on every move (it was half of a redraw).
+        legend = Figure(figsize=(2.4, 4.2))
+        legend.legend(*self.ax.get_legend_handles_labels(), fontsize=7, ncols=2, loc="center", frameon=False)
+        self.legend = _image_widget()
+        self.legend.value = figure_png(legend)
         self.seconds = 0.0
         self.quality = self._quality()
         self._render()
@@ -239,7 +254,7 @@ class ThresholdReplay:
             control.observe(self._on_change, names="value")
         self.show.observe(lambda _c: self._render(), names="value")
         self.widget = W.VBox([W.HBox([self.alpha, self.beta, self.gamma]), W.HBox([self.instance, self.show]),
-                              self.status, W.HBox([self.image, self.table])])  # fmt: skip
+                              self.status, W.HBox([self.image, self.legend, self.table])])  # fmt: skip
 
     def _replay(self) -> tuple[np.ndarray, np.ndarray]:
         return replay_ias(self.hist, self.num_classes, self.alpha.value, self.beta.value, self.gamma.value,
@@ -386,36 +401,62 @@ def describe_ops(ops: Sequence[tuple[str, dict]]) -> str:
 def hpla_preview_figure(sample: HPLASample, classes: Sequence[str] = CITYSCAPES_CLASSES) -> Figure:
     """Top row: donor, recipient, result, provenance (pasted class colours); bottom row: their pseudo-labels,
     the weak view (teacher) and the strong view (student) with the operations that fired."""
-    fig = Figure(figsize=(14, 5.0), layout="constrained")
-    axes = fig.subplots(2, 4)
-    donor = (
-        sample.donors[0] if sample.donors else ("(no donor)", sample.recipient * 0, sample.recipient_label * 0 + IGNORE)
-    )
-    drawn = ", ".join(f"{classes[d.cls]} from {d.donor}" for d in sample.draws) or "nothing drawn"
-    ops = describe_ops(sample.strong_ops)
-    panels = [
-        (f"donor {donor[0]}", donor[1]),
-        (f"recipient {sample.recipient_name}", sample.recipient),
-        ("result (HPLA)", sample.result),
-        ("provenance (pasted classes)", analysis.overlay(sample.result * 0 + 40, sample.provenance, 1.0)),
-        ("donor pseudo-label", analysis.overlay(donor[1], donor[2], 0.7)),
-        ("recipient pseudo-label", analysis.overlay(sample.recipient, sample.recipient_label, 0.7)),
-        ("weak view (teacher)", sample.weak),
-        ("strong view (student)", sample.strong),
-    ]
-    for ax, (title, data) in zip(axes.ravel(), panels, strict=True):
-        ax.imshow(data, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[1, 3].set_xlabel(textwrap.fill(ops, 40), fontsize=8)  # a near-black view is explained by its operations
-    pasted = sorted({c for d in sample.draws for c in d.pasted})
-    if pasted:
-        handles = viz.class_legend(pasted, classes)
-        axes[0, 3].legend(handles=handles, fontsize=7, loc="lower left", framealpha=0.8)
-    fig.suptitle(f"HPLA: drew {drawn}; pasted {', '.join(classes[c] for d in sample.draws for c in d.pasted)}",
-                 fontsize=9)  # fmt: skip
-    return fig
+    return HPLAPreviewFigure(sample, classes).figure
+
+
+class HPLAPreviewFigure:
+    """`hpla_preview_figure`'s eight panels built once; ``update(sample)`` sets each panel's pixels and title,
+    the strong view's operations and the legend of pasted classes in place (a widget redraw then costs one
+    draw, not a new figure and its layout: ``benchmarks/bench_widgets.py``)."""
+
+    OPS_LINES = 4  # the operations under the strong view, wrapped; padded to this many lines so the layout holds
+
+    def __init__(self, sample: HPLASample, classes: Sequence[str] = CITYSCAPES_CLASSES) -> None:
+        self.classes = list(classes)
+        self.figure = Figure(figsize=(14, 5.0), layout="constrained")
+        self.axes = self.figure.subplots(2, 4).ravel()
+        self.images = []
+        for ax, (_title, data) in zip(self.axes, self._panels(sample), strict=True):
+            self.images.append(ax.imshow(data, interpolation="nearest"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        self.update(sample)
+
+    def _panels(self, sample: HPLASample) -> list[tuple[str, np.ndarray]]:
+        blank = ("(no donor)", sample.recipient * 0, sample.recipient_label * 0 + IGNORE)
+        donor = sample.donors[0] if sample.donors else blank
+        return [
+            (f"donor {donor[0]}", donor[1]),
+            (f"recipient {sample.recipient_name}", sample.recipient),
+            ("result (HPLA)", sample.result),
+            ("provenance (pasted classes)", analysis.overlay(sample.result * 0 + 40, sample.provenance, 1.0)),
+            ("donor pseudo-label", analysis.overlay(donor[1], donor[2], 0.7)),
+            ("recipient pseudo-label", analysis.overlay(sample.recipient, sample.recipient_label, 0.7)),
+            ("weak view (teacher)", sample.weak),
+            ("strong view (student)", sample.strong),
+        ]
+
+    def update(self, sample: HPLASample) -> Figure:
+        classes = self.classes
+        for ax, im, (title, data) in zip(self.axes, self.images, self._panels(sample), strict=True):
+            h, w = data.shape[:2]
+            if im.get_array().shape[:2] != (h, w):  # another size (a paper run's crops): the extent follows
+                im.set_extent((-0.5, w - 0.5, h - 0.5, -0.5))
+            im.set_data(data)
+            ax.set_title(title, fontsize=9)
+        ops = textwrap.fill(describe_ops(sample.strong_ops), 40).split("\n")
+        ops += [""] * (self.OPS_LINES - len(ops))  # a near-black view is explained by its operations
+        self.axes[7].set_xlabel("\n".join(ops), fontsize=8)
+        if self.axes[3].get_legend() is not None:
+            self.axes[3].get_legend().remove()
+        pasted = sorted({c for d in sample.draws for c in d.pasted})
+        if pasted:
+            handles = viz.class_legend(pasted, classes)
+            self.axes[3].legend(handles=handles, fontsize=7, loc="lower left", framealpha=0.8)
+        drawn = ", ".join(f"{classes[d.cls]} from {d.donor}" for d in sample.draws) or "nothing drawn"
+        pasted_names = ", ".join(classes[c] for d in sample.draws for c in d.pasted)
+        self.figure.suptitle(f"HPLA: drew {drawn}; pasted {pasted_names}", fontsize=9)
+        return self.figure
 
 
 class HPLAPreview:
@@ -455,6 +496,7 @@ class HPLAPreview:
         self.info = W.HTML()
         self.hpla = self._build()
         self.sample: HPLASample | None = None
+        self.figure: HPLAPreviewFigure | None = None
         self.draw()
         self.recipient.observe(lambda _c: self.draw(), names="value")
         self.mode.observe(self._on_mode, names="value")
@@ -477,8 +519,12 @@ class HPLAPreview:
         if choice == "random":
             choice = int(torch.randint(len(self.target), (1,), generator=self.hpla_generator))
         self.sample = hpla_preview(self.hpla, self.target, choice, self.view_generator, self.config)
-        fig = hpla_preview_figure(self.sample, self.classes)
-        self.image.value = figure_png(fig, dpi=90)
+        if self.figure is None:
+            self.figure = HPLAPreviewFigure(self.sample, self.classes)
+            self.image.value = figure_png(self.figure.figure, dpi=90)
+            self.figure.figure.set_layout_engine("none")  # the first draw's layout holds for every later one
+        else:
+            self.image.value = figure_png(self.figure.update(self.sample), dpi=90)
         pasted = float((self.sample.provenance != IGNORE).mean())
         self.info.value = f"{len(self.sample.draws)} donor(s); {100 * pasted:.1f}% of the pixels pasted"
         return self.sample
@@ -504,21 +550,27 @@ class ConfusionPicker:
         self.stage = W.Dropdown(options=names, value=start, description="stage")
         self.minus = W.Dropdown(options=[self.NONE, *names], value=ref, description="minus")
         self.image = _image_widget()
+        self.panel = viz.ConfusionPanel(self.classes)
+        self._pngs: dict[tuple[str, str], bytes] = {}
         self.draw()
         for w in (self.stage, self.minus):
             w.observe(lambda _c: self.draw(), names="value")
         self.widget = W.VBox([W.HBox([self.stage, self.minus]), self.image])
 
     def figure(self) -> Figure:
-        """The panel for the current choice (`viz.confusion_panel`)."""
+        """The panel for the current choice (`viz.ConfusionPanel`, one figure redrawn in place)."""
         name, minus = self.stage.value, self.minus.value
         if minus in (self.NONE, name):
-            return viz.confusion_panel(self.matrices[name], self.classes, f"{name} (rows sum to 100 %)")
-        return viz.confusion_panel(self.matrices[name], self.classes, f"{name} − {minus}, points of each row",
-                                   reference=self.matrices[minus])  # fmt: skip
+            return self.panel.update(self.matrices[name], f"{name} (rows sum to 100 %)")
+        return self.panel.update(self.matrices[name], f"{name} − {minus}, points of each row",
+                                 reference=self.matrices[minus])  # fmt: skip
 
     def draw(self) -> None:
-        self.image.value = figure_png(self.figure(), dpi=80)
+        key = (self.stage.value, self.minus.value)
+        if key not in self._pngs:  # each choice is drawn once
+            self._pngs[key] = figure_png(self.figure(), dpi=80)
+            self.panel.figure.set_layout_engine("none")  # the first draw's layout holds for every later one
+        self.image.value = self._pngs[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -562,6 +614,7 @@ class LossMapExplorer:
         self.index = W.IntSlider(value=0, min=0, max=len(indices) - 1, description="image")
         self.image = _image_widget()
         self.total = np.zeros_like(self.maps["ce"])
+        self.figure = viz.LossMapFigure(self.maps)  # built once; each new choice redraws it in place
         self._pngs: dict[tuple, bytes] = {}
         self.redraw()
         for control in (*self.checks.values(), self.index):
@@ -577,8 +630,9 @@ class LossMapExplorer:
         weights = self.active_weights()
         self.total = losses.total_loss_map(self.maps, weights)
         key = (self.index.value, *weights.values())
-        if key not in self._pngs:  # a figure takes a few hundred ms to draw; each choice is drawn once
-            self._pngs[key] = figure_png(viz.loss_map_figure(self.maps, self.index.value, weights), dpi=80)
+        if key not in self._pngs:  # each choice is drawn once
+            self._pngs[key] = figure_png(self.figure.update(self.index.value, weights), dpi=80)
+            self.figure.figure.set_layout_engine("none")  # the layout of the first draw holds for every choice
         self.image.value = self._pngs[key]
         return self.total
 

@@ -180,6 +180,32 @@ def test_loss_map_figure_panels():
     assert len([ax for ax in viz.loss_map_figure(maps).axes if ax.get_visible() and ax.images]) == 7  # no total
 
 
+def test_loss_map_figure_redrawn_in_place_equals_a_new_one():
+    rng = np.random.default_rng(1)
+    maps = {t: rng.random((2, 4, 6)) * (1 + i) for i, t in enumerate(LOSS_TERMS)}
+    maps.update(weak=rng.integers(0, 256, (2, 4, 6, 3), dtype=np.uint8), label=np.ones((2, 4, 6), dtype=np.int64),
+                scalars={t: float(maps[t].sum()) for t in LOSS_TERMS})  # fmt: skip
+    maps["strong"] = 255 - maps["weak"]
+    weights = {"ce": 1.0, "kld": 0.0, "entropy": 2.0, "consistency": 0.5}
+    fig = viz.LossMapFigure(maps)
+    fig.update(0, {t: 1.0 for t in LOSS_TERMS})
+    fig.update(1, weights)
+    fresh = viz.loss_map_figure(maps, 1, weights)
+    ours = [ax for ax in fig.figure.axes if ax.images]
+    theirs = [ax for ax in fresh.axes if ax.images]
+    assert len(ours) == len(theirs) == 8
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.get_title() == b.get_title()
+        np.testing.assert_array_equal(a.images[0].get_array(), b.images[0].get_array())
+        assert a.images[0].get_cmap().name == b.images[0].get_cmap().name
+        data = np.asarray(a.images[0].get_array(), dtype=float)
+        if data.ndim == 2:  # a colour-mapped panel: its limits (and so its colour bar) follow the new data
+            assert a.images[0].get_clim() == pytest.approx((data.min(), data.max()))
+            assert a.images[0].colorbar.vmax == pytest.approx(data.max())
+    with pytest.raises(InputError, match="total"):
+        viz.LossMapFigure(maps, with_total=False).update(0, weights)
+
+
 def test_ablation_plot_draws_paired_differences_with_every_seed():
     diffs = pd.DataFrame({"variant": ["no_hpla"] * 2 + ["warmup"] * 2 + ["control_adabn"] * 2, "seed": [0, 1] * 3,
                           "diff": [-1.0, 0.5, -3.0, -4.0, -2.0, -1.0]})  # fmt: skip
@@ -204,13 +230,35 @@ def test_confusion_panel_one_matrix_and_a_difference_coloured_by_benefit():
     m, ref = np.array([[8, 2], [0, 0]]), np.array([[4, 6], [0, 0]])
     fig = viz.confusion_panel(m, ["x", "y"], "a")
     np.testing.assert_allclose(fig.axes[0].images[0].get_array(), [[0.8, 0.2], [0, 0]])
-    assert [t.get_text() for t in fig.axes[0].texts] == ["80", "20"] and fig.axes[0].get_title() == "a"
+    assert _cell_texts(fig) == ["80", "20"] and fig.axes[0].get_title() == "a"
     diff = viz.confusion_panel(m, ["x", "y"], "a − b", reference=ref)
     # recall up 40 points on the diagonal and confusion down 40 off it: both benefits, both drawn positive (blue)
     np.testing.assert_allclose(diff.axes[0].images[0].get_array(), [[0.4, 0.4], [0, 0]])
-    assert [t.get_text() for t in diff.axes[0].texts] == ["40", "-40"]
+    assert _cell_texts(diff) == ["40", "-40"]
     worse = viz.confusion_panel(ref, ["x", "y"], "b − a", reference=m)
     np.testing.assert_allclose(worse.axes[0].images[0].get_array(), [[-0.4, -0.4], [0, 0]])
+
+
+def _cell_texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].texts if t.get_visible()]
+
+
+def test_confusion_panel_redrawn_in_place_equals_a_new_one():
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 30, (4, 4)) * np.eye(4, dtype=int) * 5 + rng.integers(0, 9, (4, 4))  # diagonal-heavy
+    b = rng.integers(0, 40, (4, 4))
+    panel = viz.ConfusionPanel(list("wxyz"))
+    panel.update(a, "a − b", reference=b)
+    for args in (("a", None), ("b − a", a), ("b", None)):
+        matrix = b if args[0].startswith("b") else a
+        ours, fresh = panel.update(matrix, args[0], args[1]), viz.confusion_panel(matrix, list("wxyz"), *args)
+        np.testing.assert_array_equal(ours.axes[0].images[0].get_array(), fresh.axes[0].images[0].get_array())
+        assert ours.axes[0].images[0].get_clim() == fresh.axes[0].images[0].get_clim()
+        assert ours.axes[0].images[0].get_cmap().name == fresh.axes[0].images[0].get_cmap().name
+        assert _cell_texts(ours) == _cell_texts(fresh) and ours.axes[0].get_title() == args[0]
+        colours = [[t.get_color() for t in f.axes[0].texts if t.get_visible()] for f in (ours, fresh)]
+        assert colours[0] == colours[1]
+        assert ours.axes[1].get_ylabel() == fresh.axes[1].get_ylabel()  # the colour bar's label
 
 
 def test_prediction_gallery_panels(tiny_toytown, model_ckpt):

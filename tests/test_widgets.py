@@ -126,7 +126,7 @@ def test_hpla_preview_arrays_are_consistent(argmax_dir, pseudo_dir, tiny_toytown
     np.testing.assert_array_equal(s.weak_provenance, views.provenance[0].numpy())
     assert s.strong_ops == views.strong_ops[0]
     fig = widgets.hpla_preview_figure(s)  # the strong view's operations under it, the pasted classes' legend
-    assert fig.axes[7].get_xlabel().replace("\n", " ") == widgets.describe_ops(s.strong_ops)
+    assert fig.axes[7].get_xlabel().replace("\n", " ").rstrip() == widgets.describe_ops(s.strong_ops)
     legend = [t.get_text() for t in fig.axes[3].get_legend().get_texts()]
     assert legend == [CITYSCAPES_CLASSES[c] for c in sorted({c for d in s.draws for c in d.pasted})]
 
@@ -164,7 +164,13 @@ def test_hpla_preview_widget_controls(argmax_dir, tiny_toytown):
     expected = widgets.hpla_preview(w.hpla, w.target, name, w.view_generator)
     assert expected.draws == after.draws
     np.testing.assert_array_equal(expected.strong, after.strong)
-    assert w.image.value == widgets.figure_png(widgets.hpla_preview_figure(expected, w.classes), dpi=90)
+    fresh = widgets.hpla_preview_figure(expected, w.classes)  # the widget's figure, redrawn in place, shows the same
+    for a, b in zip(w.figure.figure.axes, fresh.axes, strict=True):
+        assert (a.get_title(), a.get_xlabel()) == (b.get_title(), b.get_xlabel())
+        np.testing.assert_array_equal(a.images[0].get_array(), b.images[0].get_array())
+        legends = [[t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else None for ax in (a, b)]
+        assert legends[0] == legends[1]
+    assert w.figure.figure.get_suptitle() == fresh.get_suptitle()
     assert "donor" in w.info.value
 
 
@@ -182,7 +188,13 @@ def test_loss_map_explorer_checkboxes(pseudo_dir, tiny_toytown, model_ckpt):
     w.index.value = 1
     assert w.image.value != png
     w.index.value = 0  # back to a drawn choice: the same picture, from the cache
-    assert w.image.value == png == widgets.figure_png(viz.loss_map_figure(w.maps, 0, w.active_weights()), dpi=80)
+    assert w.image.value == png  # from the cache
+    drawn = [(ax.get_title(), ax.images[0].get_array()) for ax in w.figure.figure.axes if ax.images]
+    new = viz.loss_map_figure(w.maps, 1, w.active_weights())
+    fresh = [(ax.get_title(), ax.images[0].get_array()) for ax in new.axes if ax.images]
+    assert [t for t, _ in drawn] == [t for t, _ in fresh]  # the figure in place: the last choice drawn (image 1)
+    for (_, a), (_, b) in zip(drawn, fresh, strict=True):
+        np.testing.assert_array_equal(a, b)
     assert len(w._pngs) == 3  # all ticked (image 0), ce unticked (image 0), ce unticked (image 1)
 
 
@@ -237,7 +249,14 @@ def test_confusion_picker_starts_on_the_rounds_change_and_follows_its_controls()
     p.minus.value = p.NONE
     p.stage.value = "source_only"
     plain = viz.confusion_panel(mats["source_only"], ["a", "b", "c"], "source_only (rows sum to 100 %)")
-    assert p.image.value == widgets.figure_png(plain, dpi=80)
+    ours = p.panel.figure.axes[0]
+    np.testing.assert_array_equal(ours.images[0].get_array(), plain.axes[0].images[0].get_array())
+    assert ours.get_title() == plain.axes[0].get_title()
+    png = p.image.value
+    p.stage.value = "warmup"
+    assert p.image.value != png and len(p._pngs) == 4  # round_2 − warmup, round_2, source_only, warmup: once each
+    p.stage.value = "source_only"
+    assert p.image.value == png  # a choice seen before: from the cache
 
 
 def test_run_target_reads_an_experiments_target_and_falls_back_to_toytown(tmp_path, tiny_toytown):
