@@ -1,16 +1,22 @@
-"""Notebook 02 in a real browser (issue 4): JupyterLab + Chromium driven by Playwright.
+"""The notebook series in a real browser (issues 4 and 16): JupyterLab + Chromium driven by Playwright.
 
 Starts ``jupyter lab`` on a free local port over a temporary copy of ``notebooks/`` (the committed notebooks
 stay stripped; ``runs/demo_quick`` and ``data/toytown`` are linked beside the copy where the notebooks look
-for them, and QUICK is injected as papermill would), opens notebook 02, runs every cell through the Run menu,
-moves a slider of the replay widget with the keyboard and checks that the plot redrew. Every Jupyter, IPython,
-matplotlib and Chromium state directory points into the temporary folder. The server (and its kernels) and the
-browser are stopped in the fixtures' teardown, even on failure, and no process of theirs may survive.
-A screenshot lands in ``artifacts/browser/notebook02.png``.
+for them, and QUICK is injected as papermill would), opens each notebook, runs every cell through the Run menu
+and checks that no cell shows an error or a figure's repr. Where a notebook has a widget, one control of it is
+moved as a user would (02: the replay's α slider by keyboard; 03: HPLA's "draw again"; 04: a loss-term
+checkbox; 05: the confusion picker's stage) and the plot must redraw; the time from the action to the new
+image in the page is recorded (``artifacts/browser/latency.json``, printed; recorded, not asserted: this
+machine is shared). Every Jupyter, IPython, matplotlib, npm and Chromium state directory points into the
+temporary folder, and $HOME is checked unchanged afterwards. The server (and its kernels) and the browser are
+stopped in the fixtures' teardown, even on failure, and no process of theirs may survive. A screenshot per
+notebook lands in ``artifacts/browser/``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import secrets
@@ -142,16 +148,49 @@ def _prepare_tree(tmp: Path, quick_run: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def notebook02() -> Path:
-    found = sorted(NOTEBOOK_DIR.glob("02_*.ipynb"))
-    if not found:
-        pytest.skip("notebooks/02_*.ipynb does not exist yet")
-    return found[0]
+# What a user writes to by accident: every entry of $HOME down to three levels (a new file changes its folder's
+# time) and, whole, the folders Jupyter, IPython, matplotlib, npm and Chromium would write to.
+HOME_TOOL_DIRS = (".jupyter", ".local/share/jupyter", ".ipython", ".npm", ".cache/matplotlib", ".config/chromium",
+                  ".cache/chromium", ".pki", ".cache/ms-playwright")  # fmt: skip
+
+
+def _home_state(home: Path) -> dict[str, int]:
+    state = {}
+    for top, dirs, files in os.walk(home):
+        depth = len(Path(top).relative_to(home).parts)
+        for name in dirs + files:
+            try:
+                state[os.path.join(top, name)] = os.lstat(os.path.join(top, name)).st_mtime_ns
+            except OSError:
+                continue
+        if depth >= 2:
+            dirs[:] = []
+    for d in HOME_TOOL_DIRS:
+        for top, _dirs, files in os.walk(home / d):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    state[os.path.join(top, name)] = os.lstat(os.path.join(top, name)).st_mtime_ns
+    return state
+
+
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+LATENCY: dict[str, float] = {}  # notebook → seconds from a control's move to its new image in the page
 
 
 @pytest.fixture(scope="module")
-def lab(notebook02: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+
+    home = Path.home()
+    before = _home_state(home)
+    yield from _lab(tmp_path_factory)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "latency.json").write_text(json.dumps(LATENCY, indent=1))
+    after = _home_state(home)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the browser test wrote to $HOME: {changed[:10]}"
+
+
+def _lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     from test_notebooks import ensure_quick_run
 
     tmp = tmp_path_factory.mktemp("lab")
@@ -239,61 +278,98 @@ ALL_CELLS_RAN = """() => {
     return k.status === 'idle' && ran;
 }"""
 
-# Mark the replay widget's α slider (by its label; else the first slider) for the locators below.
-PICK_SLIDER = """() => {
-    const sliders = [...document.querySelectorAll('.jp-Notebook .widget-slider')];
-    const s = sliders.find(e => /α|alpha/i.test(e.querySelector('.widget-label').textContent)) || sliders[0];
-    if (s) s.setAttribute('data-test-slider', '');
-    return !!s;
+# Mark the control a user would move (by kind and label) for the locators below; false when there is none.
+PICK_CONTROL = """([kind, label]) => {
+    const re = new RegExp(label || '.', 'i');
+    const text = e => e.textContent;  // the description, wherever the widget puts it (checkbox: beside the box)
+    const sel = {slider: '.widget-slider', button: 'button.widget-button', checkbox: '.widget-checkbox',
+                 dropdown: '.widget-dropdown'}[kind];
+    const found = [...document.querySelectorAll('.jp-Notebook ' + sel)].find(e => re.test(text(e)));
+    if (found) found.setAttribute('data-test-control', '');
+    return !!found;
 }"""
 
-# The image sources in the output of the code cell that holds the chosen slider.
+# The image sources in the output of the code cell that holds the chosen control.
 PLOT_SOURCES = """() => {
-    const cell = document.querySelector('[data-test-slider]').closest('.jp-CodeCell');
+    const cell = document.querySelector('[data-test-control]').closest('.jp-CodeCell');
     return [...cell.querySelectorAll('.jp-OutputArea img')].map(i => i.src);
 }"""
 
+# Per notebook: the widget control to move (kind, label pattern); None: no widget, rendered only.
+CONTROLS: dict[str, tuple[str, str] | None] = {
+    "01": None,  # live training output, no control
+    "02": ("slider", "α|alpha"),
+    "03": ("button", "draw again"),
+    "04": ("checkbox", "kld"),
+    "05": ("dropdown", "stage"),
+    "06": None,
+}
 
-def test_notebook02_replay_widget_redraws(page: Page, lab: LabServer, notebook02: Path):
+
+def _move(page: Page, kind: str) -> None:
+    """One user action on the marked control."""
+    control = page.locator("[data-test-control]")
+    if kind == "slider":
+        handle = control.locator(".noUi-handle").first
+        handle.focus()
+        handle.press("ArrowRight")
+    elif kind == "button":
+        control.click()
+    elif kind == "checkbox":
+        control.locator("input").click()
+    else:
+        select = control.locator("select")
+        current = select.input_value()
+        other = next(o for o in select.locator("option").all_inner_texts() if o != current)
+        select.select_option(label=other)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_renders_and_its_widget_redraws(page: Page, lab: LabServer, path: Path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / f"notebook{path.name[:2]}.png"
     try:
-        page.goto(f"{lab.url}/lab/tree/{notebook02.name}?token={lab.token}")
+        # A workspace of its own, reset: only this notebook open (the server remembers the tabs of earlier tests).
+        page.goto(f"{lab.url}/lab/workspaces/nb{path.name[:2]}/tree/{path.name}?reset&token={lab.token}")
         # ENVIRONMENT.md: the kernel's own state, not its idle icon, says when Run All will be honoured.
         page.wait_for_function(KERNEL_READY, timeout=90_000)
 
         page.locator(".lm-MenuBar-item", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
-        page.wait_for_function(ALL_CELLS_RAN, timeout=240_000, polling=500)
+        page.wait_for_function(ALL_CELLS_RAN, timeout=300_000, polling=500)
 
         errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"]')
-        assert errors.count() == 0, f"error outputs in {notebook02.name}:\n" + "\n".join(errors.all_inner_texts())
+        assert errors.count() == 0, f"error outputs in {path.name}:\n" + "\n".join(errors.all_inner_texts())
         figure_reprs = page.locator(".jp-OutputArea-output", has_text=re.compile(r"^<Figure size"))
-        assert figure_reprs.count() == 0, f"{notebook02.name}: a figure's repr is shown instead of the image"
-        page.locator(".jp-Notebook .jupyter-widgets.widget-slider").first.wait_for(state="visible", timeout=30_000)
-        assert page.evaluate(PICK_SLIDER)
-        slider = page.locator("[data-test-slider]")
-        slider.scroll_into_view_if_needed()
+        assert figure_reprs.count() == 0, f"{path.name}: a figure's repr is shown instead of the image"
+        if path.name[:2] != "06":  # 06 shows tables and text (manifests, a checkpoint's keys), no figure
+            assert page.locator(".jp-OutputArea img").count() > 0, f"{path.name}: no figure rendered"
+        control = CONTROLS.get(path.name[:2])
+        if control is None:
+            page.screenshot(path=str(shot), full_page=False)
+            return
+        kind, label = control
+        page.locator(".jp-Notebook .jupyter-widgets").first.wait_for(state="visible", timeout=30_000)
+        assert page.evaluate(PICK_CONTROL, [kind, label]), f"{path.name}: no {kind} labelled /{label}/"
+        marked = page.locator("[data-test-control]")
+        marked.scroll_into_view_if_needed()
         page.wait_for_function(f"() => ({PLOT_SOURCES})().length > 0", timeout=30_000)
+        page.wait_for_function(KERNEL_READY, timeout=30_000)
         before = page.evaluate(PLOT_SOURCES)
-        readout = slider.locator(".widget-readout")
-        value_before = readout.inner_text()
 
-        handle = slider.locator(".noUi-handle").first
-        handle.focus()
-        for _ in range(3):
-            handle.press("ArrowRight")
+        t0 = time.perf_counter()
+        _move(page, kind)
         page.wait_for_function(
-            f"before => JSON.stringify(({PLOT_SOURCES})()) !== JSON.stringify(before)",
-            arg=before,
-            timeout=30_000,
+            f"before => JSON.stringify(({PLOT_SOURCES})()) !== JSON.stringify(before)", arg=before, timeout=30_000
         )
+        LATENCY[path.name] = round(time.perf_counter() - t0, 3)
+        print(f"{path.name}: {kind} moved, new image after {1000 * LATENCY[path.name]:.0f} ms")
         after = page.evaluate(PLOT_SOURCES)
-        assert readout.inner_text() != value_before, "the slider did not move"
         assert after and after != before, "the plot did not redraw"
-        page.wait_for_function(KERNEL_READY, timeout=30_000)  # the last key press has been drawn too
+        page.wait_for_function(KERNEL_READY, timeout=30_000)  # the action has been drawn completely
         page.wait_for_timeout(300)
-        slider.evaluate("s => s.scrollIntoView({block: 'start'})")  # the slider on top, its plot below
-        page.screenshot(path=str(ARTIFACTS / "notebook02.png"))
+        marked.evaluate("s => s.scrollIntoView({block: 'start'})")  # the control on top, its plot below
+        page.screenshot(path=str(shot))
     except BaseException:
-        page.screenshot(path=str(ARTIFACTS / "notebook02_failure.png"))
+        page.screenshot(path=str(ARTIFACTS / f"{shot.stem}_failure.png"))
         raise

@@ -153,16 +153,20 @@ def _execute(path: Path, run_dir: Path, tmp_path: Path) -> None:
     committed = path.read_bytes()
     out = tmp_path / path.name
     t0 = time.perf_counter()
-    # papermill raises PapermillExecutionError with the failing cell's traceback.
-    papermill.execute_notebook(
-        str(path),
-        str(out),
-        parameters={"QUICK": True, "RUN_DIR": str(run_dir)},
-        cwd=str(NOTEBOOK_DIR),
-        kernel_name="python3",
-        execution_timeout=CELL_TIMEOUT_S,
-        progress_bar=False,
-    )
+    # papermill raises PapermillExecutionError with the failing cell's traceback. The kernel's connection file,
+    # IPython's profile and matplotlib's cache go to the test's folder, not the user's home.
+    with pytest.MonkeyPatch.context() as env:
+        for var in ("JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
+            env.setenv(var, str(tmp_path / var.lower()))
+        papermill.execute_notebook(
+            str(path),
+            str(out),
+            parameters={"QUICK": True, "RUN_DIR": str(run_dir)},
+            cwd=str(NOTEBOOK_DIR),
+            kernel_name="python3",
+            execution_timeout=CELL_TIMEOUT_S,
+            progress_bar=False,
+        )
     print(f"{path.name}: executed in {time.perf_counter() - t0:.1f} s")
     executed = nbformat.read(out, as_version=4)
     assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code"), f"{path.name}: no output at all"
