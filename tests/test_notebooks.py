@@ -91,6 +91,25 @@ def test_notebook_committed_without_outputs(path: Path):
     assert "widgets" not in nb.metadata, f"{path.name}: saved widget state in the notebook metadata"
 
 
+# A measured-looking number in prose: a share, an mIoU, points, a time. Results belong in code output (the run in
+# front of the reader fills them in); definitions may state numbers ("each row sums to 100 %").
+MEASURED = re.compile(r"\b\d+(?:\.\d+)?\s*(?:%|mIoU|points?\b|pp\b|ms\b|s\b)")
+DEFINITIONS = ("sums to 100 %",)
+
+
+@notebook_params
+def test_notebook_prose_types_no_measured_number(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    typed = [
+        (i, m.group(0))
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "markdown"
+        for m in MEASURED.finditer(c.source)
+        if not any(d in c.source[max(0, m.start() - 20) : m.end() + 5] for d in DEFINITIONS)
+    ]
+    assert not typed, f"{path.name}: numbers typed in markdown cells (cell, text): {typed}"
+
+
 @pytest.mark.slow
 @pytest.mark.notebooks
 @notebook_params
