@@ -181,7 +181,13 @@ def train_source_live(cfg: TrainConfig, chunk: int = 10, output: W.Output | None
 
 
 def _image_widget() -> W.Image:
-    return W.Image(format="png", layout=W.Layout(max_width="100%"))
+    # height auto: in a row beside a taller table the browser would otherwise stretch the picture
+    return W.Image(format="png", layout=W.Layout(max_width="100%", height="auto"))
+
+
+# A row of pictures and tables that wraps (a narrow notebook puts the table under the plot, not off-screen)
+# and keeps each item's own height.
+_ROW = W.Layout(flex_flow="row wrap", align_items="flex-start")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,7 +260,7 @@ class ThresholdReplay:
             control.observe(self._on_change, names="value")
         self.show.observe(lambda _c: self._render(), names="value")
         self.widget = W.VBox([W.HBox([self.alpha, self.beta, self.gamma]), W.HBox([self.instance, self.show]),
-                              self.status, W.HBox([self.image, self.legend, self.table])])  # fmt: skip
+                              self.status, W.HBox([self.image, self.legend, self.table], layout=_ROW)])  # fmt: skip
 
     def _replay(self) -> tuple[np.ndarray, np.ndarray]:
         return replay_ias(self.hist, self.num_classes, self.alpha.value, self.beta.value, self.gamma.value,
