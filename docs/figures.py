@@ -5,8 +5,8 @@ finished demo run, with the functions the notebooks call, so the pictures follow
 
 Each picture is the notebook's own figure for that run: 1 the source-only model's per-class IoU on source-val
 and target-val; 2 the IAS thresholds of round 1's pseudo-labels (CBST dotted, constant dashed); 3 an HPLA preview
-(seed 0); 4 the loss maps of the first pseudo-labelled image under the round's λs; 5 every stage's per-class IoU;
-6 predictions of the source-only model and the last round's teacher on target-val.
+(seed 0); 4 the loss maps of the first pseudo-labelled image under the round's λs (notebook 4's batch of four);
+5 every stage's per-class IoU; 6 predictions of the source-only model and the last round's teacher on target-val.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from hias_nb import analysis, losses, selectors, viz, widgets
+from hias_nb import analysis, selectors, viz, widgets
 from hias_nb.hpla import hard_classes
 from hias_nb.io import read_json
 from hias_nb.pseudo_label import load_pseudo_summary
-from hias_nb.self_train import PseudoLabelledTarget, round_views
+from hias_nb.self_train import PseudoLabelledTarget
 from hias_nb.train import load_model
 
 
@@ -58,16 +57,12 @@ def main() -> None:
     save(curves, "nb2_thresholds.png")
 
     preview = widgets.HPLAPreview(pseudo, tgt.root, tgt.dataset, tgt.train_split, config=round_cfg, seed=0)
-    save(preview.figure.figure, "nb3_hpla_preview.png")
+    save(preview.panels.figure, "nb3_hpla_preview.png")
 
     target = PseudoLabelledTarget(tgt.train(), pseudo)
-    items = [target[i] for i in range(2)]
-    images, labels = torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items])
-    student = load_model(run / "round_1" / "train" / "student_final.pt", "cpu")
-    teacher = load_model(run / "round_1" / "train" / "teacher_final.pt", "cpu")
-    views = round_views(round_cfg, images, labels, None, torch.Generator().manual_seed(0))
-    maps = losses.loss_maps(student, teacher, views, round_cfg.cst_region, round_cfg.normalisation)
-    save(viz.loss_map_figure(maps, 0, widgets.loss_weights(round_cfg)), "nb4_loss_maps.png")
+    student, teacher = run / "round_1" / "train" / "student_final.pt", run / "round_1" / "train" / "teacher_final.pt"
+    explorer = widgets.LossMapExplorer(student, teacher, target, "cpu", config=round_cfg, indices=(0, 1, 2, 3))
+    save(explorer.panels.figure, "nb4_loss_maps.png")
 
     save(viz.stage_iou_bars(report), "nb5_stages.png")
 

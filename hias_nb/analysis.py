@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, Subset
 from hias_nb.classes import CITYSCAPES_PALETTE, IGNORE, colorize
 from hias_nb.data import SegDataset, list_manifests, load_manifest
 from hias_nb.errors import InputError
-from hias_nb.evaluate import EvalResult, evaluate, predict_probs, stage_entry
+from hias_nb.evaluate import EvalResult, check_protocols, evaluate, predict_probs, stage_entry
 from hias_nb.model_selection import HIGHER_IS_BETTER
 from hias_nb.pseudo_label import summary_table
 from hias_nb.train import load_model
@@ -379,14 +379,21 @@ def stage_checkpoints(run_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def stage_confusions(
-    checkpoints: Mapping[str, Path], dataset: Dataset, device: str, max_images: int | None = None, **settings: Any
+    checkpoints: Mapping[str, Path],
+    dataset: Dataset,
+    device: str,
+    max_images: int | None = None,
+    protocol: str | None = None,
+    **settings: Any,
 ) -> dict[str, np.ndarray]:
     """Confusion matrix ``[C,C]`` (rows ground truth, columns prediction) of each checkpoint on `dataset`
-    (the first ``max_images`` items when given); `settings` go to `evaluate` (``size``, ``batch_size``,
-    ``scales``, ``flip``: a run's own, ``RunTarget.eval_settings``, so the numbers match its report)."""
+    (the first ``max_images`` items when given), under `protocol` (a name, e.g. ``synthia16``; None: the
+    dataset's own); `settings` go to `evaluate` (``size``, ``batch_size``, ``scales``, ``flip``). A run's own
+    (``RunTarget.eval_settings``, protocol included) make the numbers its report's."""
     if max_images is not None:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
-    protocol = dataset.dataset.protocol if isinstance(dataset, Subset) else dataset.protocol
+    base = dataset.dataset.protocol if isinstance(dataset, Subset) else dataset.protocol
+    protocol = base if protocol is None else check_protocols([protocol], base)[0]
     return {
         name: evaluate(load_model(path, device), dataset, protocol, device, progress=False, **settings).matrix
         for name, path in checkpoints.items()
@@ -398,13 +405,15 @@ def checkpoint_report(
     dataset: SegDataset,
     device: str,
     max_images: int | None = None,
+    protocol: str | None = None,
     **settings: Any,
 ) -> dict:
-    """Evaluate checkpoints on `dataset` (its first ``max_images`` items when given, `settings` as in
-    `stage_confusions`); a report-like dict (``protocol``, ``classes``, one stage per checkpoint) for
+    """Evaluate checkpoints on `dataset` (its first ``max_images`` items when given, `protocol` and `settings` as
+    in `stage_confusions`); a report-like dict (``protocol``, ``classes``, one stage per checkpoint) for
     ``stage_iou_bars`` and ``report_table``."""
-    matrices = stage_confusions({k: Path(v) for k, v in checkpoints.items()}, dataset, device, max_images, **settings)
-    protocol = dataset.protocol
+    paths = {k: Path(v) for k, v in checkpoints.items()}
+    matrices = stage_confusions(paths, dataset, device, max_images, protocol, **settings)
+    protocol = dataset.protocol if protocol is None else check_protocols([protocol], dataset.protocol)[0]
     stages = [stage_entry(name, EvalResult(protocol, m, 0.0)) for name, m in matrices.items()]
     return {"protocol": protocol.name, "classes": list(protocol.classes), "stages": stages}
 
@@ -416,18 +425,19 @@ def checkpoint_predictions(
     indices: Sequence[int],
     device: str,
     size: tuple[int, int] | None = None,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, list[np.ndarray]]]:
     """Items `indices` of `dataset` and each checkpoint's prediction on them: ``(images, labels, predictions)``
     with images uint8 ``[H,W,3]``, labels int64 ``[H,W]`` and ``predictions[name]`` the argmax int64 ``[H,W]``
-    per item (one list entry per index, so items may differ in size); `size`: the network's input size, its
-    output upsampled to the item's (``evaluate.predict_probs``; None: the item's own)."""
+    per item (one list entry per index, so items may differ in size); `size`, `scales`, `flip` as in
+    ``evaluate.predict_probs`` (a run's own: ``RunTarget.predict_settings``; default the item's size, one scale)."""
     items = [dataset[i] for i in indices]
     predictions = {}
     for name, path in checkpoints.items():
         model = load_model(Path(path), device).eval()
-        predictions[name] = [
-            predict_probs(model, it["image"][None].to(device), size=size).argmax(1)[0].cpu().numpy() for it in items
-        ]
+        probs = [predict_probs(model, it["image"][None].to(device), scales, flip, size) for it in items]
+        predictions[name] = [p.argmax(1)[0].cpu().numpy() for p in probs]
     images = [it["image"].permute(1, 2, 0).numpy() for it in items]
     return images, [it["label"].numpy() for it in items], predictions
 

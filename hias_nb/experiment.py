@@ -54,6 +54,13 @@ class EvalSettings:
     flip: bool = False
 
 
+def evaluation_settings(section: dict[str, Any] | None) -> dict[str, Any]:
+    """An experiment's ``evaluate`` section (as its config.yaml or report.json holds it; a missing key takes the
+    `EvalSettings` default) as keyword arguments of ``evaluate.evaluate``: ``size`` and ``scales`` as tuples."""
+    ev = {**config_to_dict(EvalSettings()), **(section or {})}
+    return {**ev, "size": tuple(ev["size"]) if ev["size"] else None, "scales": tuple(ev["scales"])}
+
+
 @dataclass
 class ExperimentConfig:
     """An experiment file (``configs/experiments/*.yaml``): datasets, rounds, and one section per stage kind whose
@@ -253,8 +260,7 @@ def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, sm
         print_plan(cfg, plan)
     distributed.barrier()
     t0 = time.perf_counter()
-    ev = config_to_dict(cfg.evaluate)
-    settings = {**ev, "size": tuple(ev["size"]) if ev["size"] else None, "scales": tuple(ev["scales"])}
+    settings = evaluation_settings(config_to_dict(cfg.evaluate))
 
     def evaluated(name: str, ckpt: Path, cache: Path) -> dict:
         return evaluate_stage(cache, name, load_model(ckpt, device), val, device, cfg.protocols, **settings)

@@ -21,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import EngFormatter
 from torch.utils.data import Dataset
 
 from hias_nb.analysis import checkpoint_predictions, expected_calibration_error, overlay, selection_map
@@ -476,8 +477,8 @@ class LossMapFigure:
         self.images = []
         for ax, (title, data, cmap) in zip(axes, panels, strict=False):
             im = ax.imshow(data, cmap=cmap, interpolation="nearest")
-            if cmap is not None:
-                self.figure.colorbar(im, ax=ax, shrink=0.7)
+            if cmap is not None:  # tick labels of a bounded width ("350", "12k"): the frozen layout holds them all
+                self.figure.colorbar(im, ax=ax, shrink=0.7, format=EngFormatter(places=0, sep=""))
             ax.set_title(title, fontsize=9)
             _no_ticks(ax)
             self.images.append(im)
@@ -593,9 +594,16 @@ class ConfusionPanel:
         ax.set_yticks(range(n), list(classes), fontsize=8)
         ax.set_xlabel("predicted")
         ax.set_ylabel("ground truth")
-        self.colorbar = self.figure.colorbar(self.image, ax=ax, shrink=0.8, label="gain (blue) / loss (red)")
+        # signed, two decimals: every tick label as wide as any other, so the frozen layout holds each choice
+        self.colorbar = self.figure.colorbar(self.image, ax=ax, shrink=0.8, label="gain (blue) / loss (red)",
+                                             format="{x:+.2f}")  # fmt: skip
 
     def update(self, matrix: np.ndarray, title: str, reference: np.ndarray | None = None) -> Figure:
+        """Show `matrix` ``[C,C]`` (counts; rows ground truth), or its difference from `reference`, titled `title`."""
+        n = len(self.texts)
+        for name, m in (("matrix", matrix), ("reference", reference)):
+            if m is not None and np.shape(m) != (n, n):
+                raise InputError(f"{name}: a confusion matrix of {n} classes is {n}x{n}, got {np.shape(m)}")
         norm = row_normalised(matrix)
         if reference is None:
             values = shown = norm
@@ -628,11 +636,13 @@ def prediction_gallery(
     device: str,
     cols: int = 4,
     size: tuple[int, int] | None = None,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
 ) -> Figure:
     """For each image of `dataset` at `indices`: the image, its label and each checkpoint's prediction
-    (overlays from ``analysis.checkpoint_predictions``, the network run at `size`), `cols` panels to a row so
-    each stays readable at a notebook's width, and a colour legend of the classes shown."""
-    images, labels, predictions = checkpoint_predictions(checkpoints, dataset, indices, device, size)
+    (overlays from ``analysis.checkpoint_predictions``, predicted with `size`, `scales`, `flip`), `cols` panels
+    to a row so each stays readable at a notebook's width, and a colour legend of the classes shown."""
+    images, labels, predictions = checkpoint_predictions(checkpoints, dataset, indices, device, size, scales, flip)
     per_image = 2 + len(predictions)
     rows_per = -(-per_image // cols)
     fig = Figure(figsize=(3.0 * cols, (1.65 * rows_per + 0.15) * len(indices) + 0.9), layout="constrained")

@@ -40,6 +40,7 @@ from hias_nb.classes import CITYSCAPES_CLASSES, IGNORE
 from hias_nb.config import config_to_dict, load_config
 from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
+from hias_nb.experiment import evaluation_settings
 from hias_nb.hpla import HPLA, Draw
 from hias_nb.pseudo_label import PseudoLabelConfig, load_pseudo_summary
 from hias_nb.selectors import ConfidenceHistogram, cbst_from_histograms, replay_correct, replay_ias
@@ -78,14 +79,20 @@ class RunTarget:
     root: str
     train_split: str  # the pseudo-labelled split
     val_split: str  # the evaluated split
-    # how the run evaluated (`hias-nb run`'s ``evaluate`` section: size, batch_size, scales, flip), for
-    # ``analysis.stage_confusions`` / ``checkpoint_report``, so a notebook's numbers are the report's
+    # how the run scored its stages (`hias-nb run`: its ``evaluate`` section — size, batch_size, scales, flip —
+    # and its leading protocol), for ``analysis.stage_confusions`` / ``checkpoint_report``, so that a notebook's
+    # numbers are the report's; empty for a toytown demo (native size, the dataset's own protocol)
     eval_settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def eval_size(self) -> tuple[int, int] | None:
-        size = self.eval_settings.get("size")
-        return None if size is None else (int(size[0]), int(size[1]))
+        """The network's input size when the run was scored (None: each image's own)."""
+        return self.eval_settings.get("size")
+
+    @property
+    def predict_settings(self) -> dict[str, Any]:
+        """What a prediction needs of `eval_settings` (``size``, ``scales``, ``flip``: `viz.prediction_gallery`)."""
+        return {k: v for k, v in self.eval_settings.items() if k in ("size", "scales", "flip")}
 
     def train(self) -> SegDataset:
         return SegDataset(self.dataset, self.root, self.train_split)
@@ -100,11 +107,9 @@ def run_target(report: dict, data_root: str | os.PathLike = "../data/toytown") -
     (the notebook's DATA_ROOT: a demo records its root relative to where it ran)."""
     config = (report.get("config") or {}).get("experiment")
     if config:
-        ev = dict(config.get("evaluate") or {})
-        if ev.get("size") is not None:
-            ev["size"] = tuple(ev["size"])
-        if ev.get("scales") is not None:
-            ev["scales"] = tuple(ev["scales"])
+        ev = evaluation_settings(config.get("evaluate"))
+        if config.get("protocols"):
+            ev["protocol"] = config["protocols"][0]  # the report's mIoU is under its first protocol
         return RunTarget(
             config["target_dataset"], config["target_root"], config["target_split"], config["val_split"], ev
         )
@@ -144,11 +149,15 @@ def figure_png(fig: Figure, dpi: int = 80) -> bytes:
     ``savefig`` draws a figure that has (or had) a layout engine twice, and compresses at level 6: each widget
     redraw paid for both (≈ 40 % of a replay move, ``benchmarks/bench_widgets.py``)."""
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    if fig.dpi != dpi:
-        fig.set_dpi(dpi)
-    canvas.draw()
+    before = fig.dpi
+    fig.set_dpi(dpi)
+    try:
+        canvas.draw()
+        pixels = np.asarray(canvas.buffer_rgba())
+    finally:
+        fig.set_dpi(before)  # as savefig leaves it
     buf = io.BytesIO()
-    PIL.Image.fromarray(np.asarray(canvas.buffer_rgba())).save(buf, format="png", compress_level=1)
+    PIL.Image.fromarray(pixels).save(buf, format="png", compress_level=1)
     return buf.getvalue()
 
 
@@ -185,9 +194,19 @@ def _image_widget() -> W.Image:
     return W.Image(format="png", layout=W.Layout(max_width="100%", height="auto"))
 
 
-# A row of pictures and tables that wraps (a narrow notebook puts the table under the plot, not off-screen)
-# and keeps each item's own height.
-_ROW = W.Layout(flex_flow="row wrap", align_items="flex-start")
+def _row(*children: W.Widget) -> W.HBox:
+    """A row of pictures and tables that wraps (a narrow notebook puts the table under the plot, not off-screen)
+    and keeps each item's own height."""
+    return W.HBox(list(children), layout=W.Layout(flex_flow="row wrap", align_items="flex-start"))
+
+
+def _legend_figure(handles: list, labels: list[str], dpi: int = 80) -> Figure:
+    """A figure holding only a legend of `handles`, sized to it (drawn once, then measured)."""
+    fig = Figure(figsize=(4, 4), dpi=dpi)
+    legend = fig.legend(handles, labels, fontsize=7, ncols=2, loc="center", frameon=False)
+    box = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    fig.set_size_inches(box.width / dpi + 0.1, box.height / dpi + 0.1)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,10 +267,8 @@ class ThresholdReplay:
                                                self.instance.value)  # fmt: skip
         self.styles = [(ln.get_linewidth(), ln.get_alpha()) for ln in self.lines]
         # The legend never changes: drawn once beside the plot, not on every move (it was half of a redraw).
-        legend = Figure(figsize=(2.4, 4.2))
-        legend.legend(*self.ax.get_legend_handles_labels(), fontsize=7, ncols=2, loc="center", frameon=False)
         self.legend = _image_widget()
-        self.legend.value = figure_png(legend)
+        self.legend.value = figure_png(_legend_figure(*self.ax.get_legend_handles_labels()))
         self.seconds = 0.0
         self.quality = self._quality()
         self._render()
@@ -260,7 +277,7 @@ class ThresholdReplay:
             control.observe(self._on_change, names="value")
         self.show.observe(lambda _c: self._render(), names="value")
         self.widget = W.VBox([W.HBox([self.alpha, self.beta, self.gamma]), W.HBox([self.instance, self.show]),
-                              self.status, W.HBox([self.image, self.legend, self.table], layout=_ROW)])  # fmt: skip
+                              self.status, _row(self.image, self.legend, self.table)])  # fmt: skip
 
     def _replay(self) -> tuple[np.ndarray, np.ndarray]:
         return replay_ias(self.hist, self.num_classes, self.alpha.value, self.beta.value, self.gamma.value,
@@ -443,6 +460,7 @@ class HPLAPreviewFigure:
         ]
 
     def update(self, sample: HPLASample) -> Figure:
+        """Show `sample` (another recipient, its donors, views and operations) in the same panels."""
         classes = self.classes
         for ax, im, (title, data) in zip(self.axes, self.images, self._panels(sample), strict=True):
             h, w = data.shape[:2]
@@ -502,7 +520,7 @@ class HPLAPreview:
         self.info = W.HTML()
         self.hpla = self._build()
         self.sample: HPLASample | None = None
-        self.figure: HPLAPreviewFigure | None = None
+        self.panels: HPLAPreviewFigure | None = None  # built on the first draw, then redrawn in place
         self.draw()
         self.recipient.observe(lambda _c: self.draw(), names="value")
         self.mode.observe(self._on_mode, names="value")
@@ -525,12 +543,12 @@ class HPLAPreview:
         if choice == "random":
             choice = int(torch.randint(len(self.target), (1,), generator=self.hpla_generator))
         self.sample = hpla_preview(self.hpla, self.target, choice, self.view_generator, self.config)
-        if self.figure is None:
-            self.figure = HPLAPreviewFigure(self.sample, self.classes)
-            self.image.value = figure_png(self.figure.figure, dpi=90)
-            self.figure.figure.set_layout_engine("none")  # the first draw's layout holds for every later one
+        if self.panels is None:
+            self.panels = HPLAPreviewFigure(self.sample, self.classes)
+            self.image.value = figure_png(self.panels.figure, dpi=90)
+            self.panels.figure.set_layout_engine("none")  # the first draw's layout holds for every later one
         else:
-            self.image.value = figure_png(self.figure.update(self.sample), dpi=90)
+            self.image.value = figure_png(self.panels.update(self.sample), dpi=90)
         pasted = float((self.sample.provenance != IGNORE).mean())
         self.info.value = f"{len(self.sample.draws)} donor(s); {100 * pasted:.1f}% of the pixels pasted"
         return self.sample
@@ -556,7 +574,7 @@ class ConfusionPicker:
         self.stage = W.Dropdown(options=names, value=start, description="stage")
         self.minus = W.Dropdown(options=[self.NONE, *names], value=ref, description="minus")
         self.image = _image_widget()
-        self.panel = viz.ConfusionPanel(self.classes)
+        self.panels = viz.ConfusionPanel(self.classes)
         self._pngs: dict[tuple[str, str], bytes] = {}
         self.draw()
         for w in (self.stage, self.minus):
@@ -567,15 +585,15 @@ class ConfusionPicker:
         """The panel for the current choice (`viz.ConfusionPanel`, one figure redrawn in place)."""
         name, minus = self.stage.value, self.minus.value
         if minus in (self.NONE, name):
-            return self.panel.update(self.matrices[name], f"{name} (rows sum to 100 %)")
-        return self.panel.update(self.matrices[name], f"{name} − {minus}, points of each row",
-                                 reference=self.matrices[minus])  # fmt: skip
+            return self.panels.update(self.matrices[name], f"{name} (rows sum to 100 %)")
+        return self.panels.update(self.matrices[name], f"{name} − {minus}, points of each row",
+                                  reference=self.matrices[minus])  # fmt: skip
 
     def draw(self) -> None:
         key = (self.stage.value, self.minus.value)
         if key not in self._pngs:  # each choice is drawn once
             self._pngs[key] = figure_png(self.figure(), dpi=80)
-            self.panel.figure.set_layout_engine("none")  # the first draw's layout holds for every later one
+            self.panels.figure.set_layout_engine("none")  # the first draw's layout holds for every later one
         self.image.value = self._pngs[key]
 
 
@@ -620,7 +638,7 @@ class LossMapExplorer:
         self.index = W.IntSlider(value=0, min=0, max=len(indices) - 1, description="image")
         self.image = _image_widget()
         self.total = np.zeros_like(self.maps["ce"])
-        self.figure = viz.LossMapFigure(self.maps)  # built once; each new choice redraws it in place
+        self.panels = viz.LossMapFigure(self.maps)  # built once; each new choice redraws it in place
         self._pngs: dict[tuple, bytes] = {}
         self.redraw()
         for control in (*self.checks.values(), self.index):
@@ -637,8 +655,8 @@ class LossMapExplorer:
         self.total = losses.total_loss_map(self.maps, weights)
         key = (self.index.value, *weights.values())
         if key not in self._pngs:  # each choice is drawn once
-            self._pngs[key] = figure_png(self.figure.update(self.index.value, weights), dpi=80)
-            self.figure.figure.set_layout_engine("none")  # the layout of the first draw holds for every choice
+            self._pngs[key] = figure_png(self.panels.update(self.index.value, weights), dpi=80)
+            self.panels.figure.set_layout_engine("none")  # the layout of the first draw holds for every choice
         self.image.value = self._pngs[key]
         return self.total
 

@@ -268,6 +268,15 @@ def test_stage_confusions_and_checkpoint_report(tiny_toytown, model_ckpt):
     got = [report["stages"][0]["per_class"][c] for c in CITYSCAPES_CLASSES]
     assert [g is None for g in got] == [e is None for e in ious]
     assert [g for g in got if g is not None] == pytest.approx([e for e in ious if e is not None], abs=0.006)
+    # under another protocol (a SYNTHIA run's report leads with synthia16): the mean over its 16 classes only
+    s16 = analysis.checkpoint_report({"a": model_ckpt}, ds, "cpu", max_images=2, protocol="synthia16")
+    assert s16["protocol"] == "synthia16"
+    left_out = ("terrain", "truck", "train")  # the three Cityscapes classes SYNTHIA does not label
+    kept = [e for c, e in zip(CITYSCAPES_CLASSES, ious, strict=True) if c not in left_out and e is not None]
+    assert s16["stages"][0]["miou"] == pytest.approx(float(np.mean(kept)), abs=0.01)
+    # and at another input size (a run's evaluate.size) the network sees other pixels: other counts
+    small = analysis.stage_confusions({"a": model_ckpt}, ds, "cpu", max_images=2, size=(16, 32))
+    assert small["a"].sum() == expected.sum() and not np.array_equal(small["a"], expected)
 
 
 def test_checkpoint_predictions(tiny_toytown, model_ckpt):

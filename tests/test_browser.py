@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -155,15 +156,16 @@ HOME_TOOL_DIRS = (".jupyter", ".local/share/jupyter", ".ipython", ".npm", ".cach
 
 
 def _home_state(home: Path) -> dict[str, int]:
+    """What the test could write to `home`: the entries of its first three levels (existence only; the repository
+    and pytest's temporary folders, which may live there, left out) and every file of the tool folders with its
+    modification time."""
+    skip = {str(REPO), os.environ.get("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())}
     state = {}
     for top, dirs, files in os.walk(home):
-        depth = len(Path(top).relative_to(home).parts)
+        dirs[:] = [d for d in dirs if os.path.join(top, d) not in skip]
         for name in dirs + files:
-            try:
-                state[os.path.join(top, name)] = os.lstat(os.path.join(top, name)).st_mtime_ns
-            except OSError:
-                continue
-        if depth >= 2:
+            state[os.path.join(top, name)] = 0
+        if len(Path(top).relative_to(home).parts) >= 2:
             dirs[:] = []
     for d in HOME_TOOL_DIRS:
         for top, _dirs, files in os.walk(home / d):
@@ -300,7 +302,7 @@ CONTROLS: dict[str, tuple[str, str] | None] = {
     "01": None,  # live training output, no control
     "02": ("slider", "α|alpha"),
     "03": ("button", "draw again"),
-    "04": ("checkbox", "kld"),
+    "04": ("checkbox", "ce"),  # the CE term: its λ is never 0, so unticking it always changes the total
     "05": ("dropdown", "stage"),
     "06": None,
 }
@@ -349,8 +351,10 @@ def test_notebook_renders_and_its_widget_redraws(page: Page, lab: LabServer, pat
             page.screenshot(path=str(shot), full_page=False)
             return
         kind, label = control
-        page.locator(".jp-Notebook .jupyter-widgets").first.wait_for(state="visible", timeout=30_000)
-        assert page.evaluate(PICK_CONTROL, [kind, label]), f"{path.name}: no {kind} labelled /{label}/"
+        try:  # widgets render after their cell's output arrives: wait for this one, not just any
+            page.wait_for_function(PICK_CONTROL, arg=[kind, label], timeout=30_000)
+        except Exception as e:
+            raise AssertionError(f"{path.name}: no {kind} labelled /{label}/") from e
         marked = page.locator("[data-test-control]")
         marked.scroll_into_view_if_needed()
         page.wait_for_function(f"() => ({PLOT_SOURCES})().length > 0", timeout=30_000)

@@ -124,8 +124,9 @@ def ensure_smoke_run() -> Path:
 
     from hias_nb.cli import main
 
-    if not (SMOKE_RUN / "report.json").exists():
-        layouts = SMOKE_RUN.parent / "smoke_layouts"
+    layouts = SMOKE_RUN.parent / "smoke_layouts"
+    if not (SMOKE_RUN / "report.json").exists() or not layouts.is_dir():  # both made together, or both again
+        shutil.rmtree(SMOKE_RUN, ignore_errors=True)
         shutil.rmtree(layouts, ignore_errors=True)
         gta5, cityscapes = trees.gta5(layouts / "GTA5"), trees.cityscapes(layouts / "cityscapes")
         args = ["run", str(REPO / "configs" / "experiments" / "gta5_to_cityscapes.yaml"), "--smoke", "--source_root",

@@ -165,12 +165,12 @@ def test_hpla_preview_widget_controls(argmax_dir, tiny_toytown):
     assert expected.draws == after.draws
     np.testing.assert_array_equal(expected.strong, after.strong)
     fresh = widgets.hpla_preview_figure(expected, w.classes)  # the widget's figure, redrawn in place, shows the same
-    for a, b in zip(w.figure.figure.axes, fresh.axes, strict=True):
+    for a, b in zip(w.panels.figure.axes, fresh.axes, strict=True):
         assert (a.get_title(), a.get_xlabel()) == (b.get_title(), b.get_xlabel())
         np.testing.assert_array_equal(a.images[0].get_array(), b.images[0].get_array())
         legends = [[t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else None for ax in (a, b)]
         assert legends[0] == legends[1]
-    assert w.figure.figure.get_suptitle() == fresh.get_suptitle()
+    assert w.panels.figure.get_suptitle() == fresh.get_suptitle()
     assert "donor" in w.info.value
 
 
@@ -189,7 +189,7 @@ def test_loss_map_explorer_checkboxes(pseudo_dir, tiny_toytown, model_ckpt):
     assert w.image.value != png
     w.index.value = 0  # back to a drawn choice: the same picture, from the cache
     assert w.image.value == png  # from the cache
-    drawn = [(ax.get_title(), ax.images[0].get_array()) for ax in w.figure.figure.axes if ax.images]
+    drawn = [(ax.get_title(), ax.images[0].get_array()) for ax in w.panels.figure.axes if ax.images]
     new = viz.loss_map_figure(w.maps, 1, w.active_weights())
     fresh = [(ax.get_title(), ax.images[0].get_array()) for ax in new.axes if ax.images]
     assert [t for t, _ in drawn] == [t for t, _ in fresh]  # the figure in place: the last choice drawn (image 1)
@@ -249,7 +249,7 @@ def test_confusion_picker_starts_on_the_rounds_change_and_follows_its_controls()
     p.minus.value = p.NONE
     p.stage.value = "source_only"
     plain = viz.confusion_panel(mats["source_only"], ["a", "b", "c"], "source_only (rows sum to 100 %)")
-    ours = p.panel.figure.axes[0]
+    ours = p.panels.figure.axes[0]
     np.testing.assert_array_equal(ours.images[0].get_array(), plain.axes[0].images[0].get_array())
     assert ours.get_title() == plain.axes[0].get_title()
     png = p.image.value
@@ -270,10 +270,13 @@ def test_run_target_reads_an_experiments_target_and_falls_back_to_toytown(tmp_pa
         "toytown", "../data/toytown", "target_train", "target_val")  # fmt: skip
     t = widgets.run_target(read_json(exp / "report.json"), "ignored")
     assert t.root == str(tiny_toytown) and len(t.val()) == len(SegDataset("toytown", tiny_toytown, "target_val"))
-    assert t.eval_settings == {} and t.eval_size is None  # evaluated as the run did: here its defaults
+    # scored as the run scored: no evaluate section recorded → the experiment defaults
+    assert t.eval_settings == {"size": (768, 1536), "batch_size": 2, "scales": (1.0,), "flip": False}
     report = read_json(exp / "report.json")
-    report["config"]["experiment"]["evaluate"] = {"size": [64, 128], "batch_size": 2, "scales": [1.0], "flip": False}
+    report["config"]["experiment"].update(evaluate={"size": [64, 128], "scales": [1.0, 1.5], "flip": True},
+                                          protocols=["synthia16", "synthia13"])  # fmt: skip
     t = widgets.run_target(report)
-    assert t.eval_size == (64, 128) and t.eval_settings == {"size": (64, 128), "batch_size": 2, "scales": (1.0,),
-                                                             "flip": False}  # fmt: skip
+    assert t.eval_size == (64, 128) and t.eval_settings == {"size": (64, 128), "batch_size": 2, "scales": (1.0, 1.5),
+                                                             "flip": True, "protocol": "synthia16"}  # fmt: skip
+    assert t.predict_settings == {"size": (64, 128), "scales": (1.0, 1.5), "flip": True}
     assert widgets.run_target(read_json(demo / "report.json")).eval_settings == {}  # a demo: native size
