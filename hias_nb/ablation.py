@@ -150,7 +150,10 @@ def run_ablation(
     df = pd.DataFrame(rows)
     csv = Path(csv) if csv else out / "ablation.csv"
     with atomic_path(csv) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.2f")
+        # IoU to 0.01; label-free scores to 6 decimals: rounded like the IoU they tie (0.95, 0.95, ...) and a
+        # score's ranking read back from the CSV would differ from the one printed below
+        scores = [c for c in df.columns if c.startswith("label_free_")]
+        df.round(2).assign(**{c: df[c].round(6) for c in scores}).to_csv(tmp, index=False)
     ranks = rank_correlations(checkpoints(df))
     with atomic_path(csv.with_name("label_free_ranks.csv")) as tmp:
         ranks.to_csv(tmp, index=False, float_format="%.3f")

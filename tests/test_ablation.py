@@ -3,6 +3,7 @@ import pytest
 import yaml
 
 from hias_nb.ablation import VARIANTS, ablation_table, checkpoints, run_ablation
+from hias_nb.model_selection import rank_correlations
 
 
 def test_table_counts_shared_source_stages_once_and_takes_the_last_round():
@@ -95,6 +96,9 @@ def test_tiny_ablation_shares_the_warmup_and_writes_the_csv(tiny_toytown, tmp_pa
     # no_warmup (their source stages are full's), the control's 2
     ranks = pd.read_csv(tmp_path / "label_free_ranks.csv").set_index("score")
     assert len(checkpoints(df)) == 8 and ranks.loc["entropy", "n"] == 8 and ranks.loc["agreement", "n"] == 3
+    # the CSV keeps the scores' precision: their ranking read back from it is the one written beside it
+    again = rank_correlations(checkpoints(pd.read_csv(csv))).set_index("score")
+    pd.testing.assert_frame_equal(again, ranks, check_exact=False, atol=1e-3)
     warm = tmp_path / "abl" / "seed_0"
     assert (warm / "cbst" / "warmup" / "model_final.pt").stat().st_ino == (
         warm / "full" / "warmup" / "model_final.pt"
