@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
-from hias_nb.classes import CITYSCAPES_PALETTE, IGNORE, colorize
+from hias_nb.classes import CITYSCAPES_PALETTE, IGNORE, Protocol, colorize
 from hias_nb.data import SegDataset, list_manifests, load_manifest
 from hias_nb.errors import InputError
 from hias_nb.evaluate import EvalResult, check_protocols, evaluate, predict_probs, stage_entry
@@ -58,6 +58,7 @@ __all__ = [
     "difference_summary",
     # notebook 5
     "stage_checkpoints",
+    "scoring_protocol",
     "stage_confusions",
     "checkpoint_report",
     "checkpoint_predictions",
@@ -378,6 +379,12 @@ def stage_checkpoints(run_dir: str | os.PathLike) -> dict[str, Path]:
     return {k: v for k, v in found.items() if v.exists()}
 
 
+def scoring_protocol(dataset: SegDataset, name: str | None = None) -> Protocol:
+    """The protocol checkpoints on `dataset` are scored under: the named one over the dataset's classes (e.g. a
+    SYNTHIA run's ``synthia16``), or the dataset's own."""
+    return dataset.protocol if name is None else check_protocols([name], dataset.protocol)[0]
+
+
 def stage_confusions(
     checkpoints: Mapping[str, Path],
     dataset: Dataset,
@@ -390,12 +397,11 @@ def stage_confusions(
     (the first ``max_images`` items when given), under `protocol` (a name, e.g. ``synthia16``; None: the
     dataset's own); `settings` go to `evaluate` (``size``, ``batch_size``, ``scales``, ``flip``). A run's own
     (``RunTarget.eval_settings``, protocol included) make the numbers its report's."""
+    scored = scoring_protocol(dataset, protocol)
     if max_images is not None:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
-    base = dataset.dataset.protocol if isinstance(dataset, Subset) else dataset.protocol
-    protocol = base if protocol is None else check_protocols([protocol], base)[0]
     return {
-        name: evaluate(load_model(path, device), dataset, protocol, device, progress=False, **settings).matrix
+        name: evaluate(load_model(path, device), dataset, scored, device, progress=False, **settings).matrix
         for name, path in checkpoints.items()
     }
 
@@ -413,7 +419,7 @@ def checkpoint_report(
     ``stage_iou_bars`` and ``report_table``."""
     paths = {k: Path(v) for k, v in checkpoints.items()}
     matrices = stage_confusions(paths, dataset, device, max_images, protocol, **settings)
-    protocol = dataset.protocol if protocol is None else check_protocols([protocol], dataset.protocol)[0]
+    protocol = scoring_protocol(dataset, protocol)
     stages = [stage_entry(name, EvalResult(protocol, m, 0.0)) for name, m in matrices.items()]
     return {"protocol": protocol.name, "classes": list(protocol.classes), "stages": stages}
 
