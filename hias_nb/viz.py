@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from hias_nb.analysis import checkpoint_predictions, expected_calibration_error, overlay, selection_map
 from hias_nb.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
-from hias_nb.data import SegDataset, resize_image, resize_label
+from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.io import read_label, read_rgb
 from hias_nb.losses import LOSS_TERMS, total_loss_map
@@ -385,10 +385,8 @@ def pseudo_label_gallery(
         if name not in index:
             raise InputError(f"{pseudo_dir}: image {name!r} is not in {dataset}/{split}")
         pseudo = read_label(Path(pseudo_dir) / "labels" / f"{name}.png")
+        ds.size = tuple(pseudo.shape)  # labels made at pseudo.resize (a paper run: 512x1024): read at that size
         item = ds[index[name]]
-        if tuple(item["label"].shape) != pseudo.shape:  # labels made at pseudo.resize (a paper run: 512x1024)
-            size = tuple(pseudo.shape)
-            item = {"image": resize_image(item["image"], size), "label": resize_label(item["label"], size)}
         image, gt = item["image"].permute(1, 2, 0).numpy(), item["label"].numpy()
         for c, shown in enumerate((image, overlay(image, pseudo, 0.7), overlay(image, gt, 0.7),
                                    selection_map(pseudo, gt))):  # fmt: skip
