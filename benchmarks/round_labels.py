@@ -15,7 +15,9 @@ From a finished demo's warm-up model (``DEMO/warmup/model_final.pt``), runs the 
   at all (the headroom the other label sets are measured against);
 - ``drop_rim`` / ``drop_region``: the pseudo-labels with one kind of their errors ignored — a *rim* error is a
   kept pixel labelled c whose true label is not c but which lies within ``--erode`` px of a true pixel of c (a
-  dilated thing), a *region* error every other wrong kept pixel (a confused class).
+  dilated thing), a *region* error every other wrong kept pixel (a confused class);
+- ``drop_wrong``: both kinds ignored — every wrong kept pixel: set against ``true_kept``, which labels the same
+  pixels with their true class, it tells the errors' own cost from what their true labels teach.
 
 ``--set round.strong=false`` (repeatable; keys as on ``hias-nb demo``'s command line) changes the round's
 settings; such runs go to ``DEMO/round_labels/<labels>+<key>=<value>.../`` so that they never mix with the
@@ -98,10 +100,11 @@ def edited_labels(src: Path, dst: Path, mode: str, r: int, truth: dict[str, np.n
             out = truth[f.stem]
         elif mode == "true_kept":
             out = np.where(m, truth[f.stem], IGNORE).astype(np.uint8)
-        elif mode in ("drop_rim", "drop_region"):
+        elif mode in ("drop_rim", "drop_region", "drop_wrong"):
             rim = rim_errors(pl, truth[f.stem], r)
             wrong = m & (pl != truth[f.stem])
-            out = np.where(rim if mode == "drop_rim" else wrong & ~rim, IGNORE, pl).astype(np.uint8)
+            drop = {"drop_rim": rim, "drop_region": wrong & ~rim, "drop_wrong": wrong}[mode]
+            out = np.where(drop, IGNORE, pl).astype(np.uint8)
         else:
             out = erode(pl, r)
         kept += int(m.sum())
@@ -126,7 +129,7 @@ def run(demo: Path, modes: list[str], rounds: int, r: int, device: str, sets: li
     plan = stage_configs(cfg, device)
     val = SegDataset("toytown", cfg.data_root, "target_val")
     truth = {}
-    if {"true_kept", "true_all", "drop_rim", "drop_region"} & set(modes):
+    if {"true_kept", "true_all", "drop_rim", "drop_region", "drop_wrong"} & set(modes):
         train = SegDataset("toytown", cfg.data_root, "target_train")
         for sample in train.samples:  # the label files only: the images are not needed
             raw = read_raw_label(sample.label, train.manifest.label)
@@ -160,12 +163,14 @@ def run(demo: Path, modes: list[str], rounds: int, r: int, device: str, sets: li
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", required=True, type=Path, help="a finished demo folder (with warmup/model_final.pt)")
-    modes = ["pseudo", "true_kept", "eroded", "true_all", "drop_rim", "drop_region"]
+    modes = ["pseudo", "true_kept", "eroded", "true_all", "drop_rim", "drop_region", "drop_wrong"]
     p.add_argument("--labels", nargs="+", default=["pseudo", "true_kept"], choices=modes)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a round setting, e.g. "
                    "round.strong=false (repeatable)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--erode", type=int, default=2, help="pixels, for --labels eroded, drop_rim, drop_region")
+    p.add_argument(
+        "--erode", type=int, default=2, help="pixels, for --labels eroded, drop_rim, drop_region, drop_wrong"
+    )
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     run(a.demo, a.labels, a.rounds, a.erode, resolve_device(a.device), a.set)

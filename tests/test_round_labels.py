@@ -79,3 +79,9 @@ def test_rim_and_region_errors_split_the_wrong_kept_pixels(tmp_path):
     no_region = np.array(Image.open(tmp_path / "region" / "labels" / "a.png"))
     assert (no_rim[expected] == 255).all() and no_rim[0, 8] == 7 and (no_rim[2:5, 2:4] == 5).all()
     assert no_region[0, 8] == 255 and (no_region[expected] == 5).all() and no_region[6, 8] == 0
+    round_labels.edited_labels(src, tmp_path / "wrong", "drop_wrong", 1, {"a": truth})
+    no_wrong = np.array(Image.open(tmp_path / "wrong" / "labels" / "a.png"))
+    expected_wrong = pseudo.copy()
+    expected_wrong[(pseudo != 255) & (pseudo != truth)] = 255  # every wrong kept pixel, rim or region
+    np.testing.assert_array_equal(no_wrong, expected_wrong)
+    assert (no_wrong[2:5, 2:4] == 5).all() and no_wrong[6, 8] == 0
