@@ -1,13 +1,14 @@
 """Training-step cost of candidate toytown backbones at output stride 8, measured side by side in one run.
 
     python benchmarks/bench_backbones.py [--size 96 192] [--batch 16] [--steps 6] [--amp bf16|off]
-        [--backbones resnet10t regnetx_002 ...]
+        [--backbones resnet10t regnetx_002 ...] [--skip off|on|both]
 
 Each candidate is the demo's model (`hias_nb.models.DeepLabV2`: the timm backbone at output stride 8 plus the
 summed ASPP head with toytown's rates) doing forward, cross-entropy, backward and an AdamW step on random
 inputs, on the threads torch is given (2 on the project's reference machine). Prints the median seconds per
-step after one warm-up step, the parameter count and the ratio to the first backbone. The mIoU each reaches per
-CPU-second is measured by training runs, not here (docs/toytown.md, "Design measurements").
+step after one warm-up step, the parameter count and the ratio to the first row. ``--skip both`` measures each
+backbone also with the stride-4 skip branch (`models.StrideFourSkip`), the two rows next to each other. The
+mIoU each reaches per CPU-second is measured by training runs, not here (docs/toytown.md, "Design measurements").
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ CANDIDATES = ("resnet10t", "resnet14t", "resnet18", "regnetx_002", "regnety_002"
               "efficientnet_lite0", "lcnet_100")  # fmt: skip
 
 
-def step_seconds(backbone: str, size: tuple[int, int], batch: int, steps: int, amp: str) -> tuple[float, float]:
+def step_seconds(
+    backbone: str, size: tuple[int, int], batch: int, steps: int, amp: str, skip: bool = False
+) -> tuple[float, float]:
     """Median seconds of one training step and the parameter count in millions."""
     torch.manual_seed(0)
-    model = DeepLabV2(backbone, num_classes=19, aspp_rates=(1, 2, 4, 6))
+    model = DeepLabV2(backbone, num_classes=19, aspp_rates=(1, 2, 4, 6), skip=skip)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     x = torch.randn(batch, 3, *size)
     y = torch.randint(0, 19, (batch, *size))
@@ -54,21 +57,25 @@ def main() -> None:
     ap.add_argument("--amp", choices=("bf16", "off"), default="bf16",
                     help="autocast precision (bf16 is fast only with native bf16)")  # fmt: skip
     ap.add_argument("--backbones", nargs="+", default=list(CANDIDATES))
+    ap.add_argument("--skip", choices=("off", "on", "both"), default="off", help="the stride-4 skip branch")
     args = ap.parse_args()
     precision = resolve_amp("cpu", args.amp)  # what autocast actually runs in on this machine
     print(
         f"threads {torch.get_num_threads()}, size {args.size[0]}x{args.size[1]}, batch {args.batch}, "
         f"amp {args.amp} (runs in {precision})"
     )
+    skips = {"off": (False,), "on": (True,), "both": (False, True)}[args.skip]
     base = None
     for name in args.backbones:
-        try:
-            sec, params = step_seconds(name, tuple(args.size), args.batch, args.steps, args.amp)
-        except Exception as e:  # a candidate that timm cannot build at output stride 8 is reported, not fatal
-            print(f"{name:24s} not measurable: {e}")
-            continue
-        base = base or sec
-        print(f"{name:24s} {sec:6.3f} s/step  {params:5.1f} M params  ×{sec / base:4.2f} of {args.backbones[0]}")
+        for skip in skips:
+            row = name + ("+skip" if skip else "")
+            try:
+                sec, params = step_seconds(name, tuple(args.size), args.batch, args.steps, args.amp, skip)
+            except Exception as e:  # a candidate that timm cannot build at output stride 8 is reported, not fatal
+                print(f"{row:24s} not measurable: {e}")
+                continue
+            base = base or (sec, row)
+            print(f"{row:24s} {sec:6.3f} s/step  {params:5.1f} M params  ×{sec / base[0]:4.2f} of {base[1]}")
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def _cmd_evaluate(args) -> int:
             f"has {ds.protocol.num_classes}"
         )
     _check_against_meta(ckpt, meta, backbone, rates)
-    model = DeepLabV2(backbone, num_classes=ds.protocol.num_classes, aspp_rates=rates)
+    model = DeepLabV2(backbone, ds.protocol.num_classes, aspp_rates=rates, skip=bool(meta.get("skip", False)))
     try:
         print(load_complete(model, ckpt))
     except InputError as e:

@@ -52,6 +52,7 @@ class TrainConfig(RunSettings):
     pretrained: str | None = None  # local backbone weights file; None = random init (nothing is downloaded)
     init_checkpoint: str | None = None  # start from a full model checkpoint (hias_nb or published layout)
     aspp_rates: tuple[int, ...] = (1, 2, 4, 6)  # (6, 12, 18, 24) for paper-sized inputs; scaled for 64×128
+    skip: bool = False  # models.StrideFourSkip: toytown's refinement from stride 4 (docs/toytown.md); paper: false
     freeze_bn: Literal["none", "affine", "full"] = "none"  # docs/method.md §6.2; "affine" is the reference for ST
     iterations: int = 300  # also the oracle's in the demo; paper: 24936 (8 GTA5 "epochs" at batch 8)
     batch_size: int = 16  # global batch (split across torchrun processes)
@@ -88,12 +89,17 @@ def build_model(
     aspp_rates: tuple[int, ...],
     pretrained: str | None = None,
     init_checkpoint: str | None = None,
+    skip: bool = False,
 ) -> nn.Module:
     """DeepLabV2 with optional local backbone weights and an optional full-model checkpoint to start from."""
     if pretrained is not None and not Path(pretrained).is_file():
         raise InputError(f"pretrained: file not found: {pretrained}")
-    model = DeepLabV2(backbone, num_classes=num_classes, pretrained=pretrained, aspp_rates=tuple(aspp_rates))
+    model = DeepLabV2(backbone, num_classes, pretrained=pretrained, aspp_rates=tuple(aspp_rates), skip=skip)
     if init_checkpoint is not None:
+        arch = checkpoint_architecture(init_checkpoint)
+        if arch["skip"] != skip:  # a non-strict load would drop (or leave random) the skip branch without a word
+            raise InputError(f"skip: {init_checkpoint} {'has' if arch['skip'] else 'lacks'} the skip branch, "
+                             f"the run asks for skip: {str(skip).lower()}")  # fmt: skip
         report = load_checkpoint(model, init_checkpoint)
         if distributed.is_main():
             print(f"init_checkpoint: {report}")
@@ -110,7 +116,9 @@ class SourceTraining:
         ds = SegDataset(cfg.dataset, cfg.data_root, cfg.split, size=cfg.resize)
         self.num_classes = ds.protocol.num_classes
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.backbone, self.num_classes, cfg.aspp_rates, cfg.pretrained, cfg.init_checkpoint)
+        self.model = build_model(
+            cfg.backbone, self.num_classes, cfg.aspp_rates, cfg.pretrained, cfg.init_checkpoint, skip=cfg.skip
+        )
         self.model.to(device)
         freeze_bn(self.model, cfg.freeze_bn)
         if distributed.is_main():
@@ -212,7 +220,7 @@ def load_model(checkpoint: str | Path, device: str, num_classes: int | None = No
     arch = checkpoint_architecture(checkpoint)
     if num_classes is not None and arch["num_classes"] != num_classes:
         raise InputError(f"{checkpoint}: num_classes is {arch['num_classes']}, expected {num_classes}")
-    model = DeepLabV2(arch["backbone"], num_classes=arch["num_classes"], aspp_rates=arch["aspp_rates"])
+    model = DeepLabV2(arch["backbone"], arch["num_classes"], aspp_rates=arch["aspp_rates"], skip=arch["skip"])
     report = load_complete(model, checkpoint)
     if arch["layout"] == "published":
         print(f"published layout, loaded as {arch['backbone']} DeepLab-v2: {report}")

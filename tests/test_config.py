@@ -215,6 +215,7 @@ def test_paper_configs_set_the_paper_values():
     src = load_config(TrainConfig, configs / "gta5_source.yaml")
     assert (src.iterations, src.lr, src.head_lr_mult, src.backbone) == (24936, 1e-5, 10.0, "resnet101")
     assert (src.photometric, src.strong_prob) == (0.0, 0.0)  # toytown's extra augmentations are not the paper's
+    assert src.skip is False  # nor its stride-4 skip branch: DeepLab-v2 as published
     pl = load_config(PseudoLabelConfig, configs / "hiast_gta5_pseudo1.yaml")
     assert (pl.alpha, pl.beta, pl.gamma, pl.policy) == (0.5, 0.9, 8.0, "ias")
     st = load_config(SelfTrainConfig, configs / "hiast_gta5_round1.yaml")

@@ -145,3 +145,12 @@ def test_kill_9_during_a_stage_then_the_same_command_gives_the_same_report(roots
     assert "resumes" in done.stdout or "done, skipped" in done.stdout
     reports = [json.loads((d / "report.json").read_text()) for d in (whole, killed)]
     assert _means(reports[1]) == _means(reports[0])
+
+
+@pytest.mark.parametrize("name", ["gta5_to_cityscapes", "synthia_to_cityscapes", "cityscapes_to_oxford"])
+def test_paper_experiments_train_deeplabv2_without_toytowns_additions(name):
+    """Whatever toytown's TrainConfig defaults are, the paper's source stage is DeepLab-v2 as published (no skip
+    branch, whose keys the published checkpoints lack) without toytown's supervised augmentations."""
+    source = experiment_config(EXPERIMENTS / f"{name}.yaml").source
+    assert (source.skip, source.photometric, source.strong_prob) == (False, 0.0, 0.0)
+    assert source.aspp_rates == (6, 12, 18, 24) and source.backbone == "resnet101"

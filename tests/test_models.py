@@ -19,13 +19,16 @@ from torch import nn
 from hias_nb.errors import InputError
 from hias_nb.models import (
     DeepLabV2,
+    checkpoint_architecture,
     checkpoint_meta,
     describe_init,
     freeze_bn,
     load_checkpoint,
     param_groups,
     save_checkpoint,
+    write_published_layout,
 )
+from hias_nb.train import build_model, load_model
 
 KEYS_JSON = Path(__file__).parent / "data" / "hiast_deeplabv2_r101_keys.json"
 RATES = (6, 12, 18, 24)
@@ -209,7 +212,7 @@ def test_own_format_round_trip_and_meta(small: DeepLabV2, tmp_path: Path) -> Non
     meta = checkpoint_meta(path)
     assert meta == {
         "round": 2, "note": "x", "lrs": [1e-6, 1e-5], "backbone": "resnet10t", "num_classes": 5,
-        "aspp_rates": [6, 12, 18, 24],
+        "aspp_rates": [6, 12, 18, 24], "skip": False,
     }  # fmt: skip
     raw = torch.load(path, weights_only=True)
     assert raw["hias_nb_format"] == 1 and set(raw) == {"hias_nb_format", "state_dict", "meta"}
@@ -457,3 +460,100 @@ def test_cuda_forward_and_checkpoint_round_trip(small: DeepLabV2, tmp_path: Path
         torch.testing.assert_close(out.cpu(), small(x), rtol=1e-3, atol=1e-3)
     save_checkpoint(tmp_path / "cuda.pth", model)  # saved tensors are on the CPU
     assert all(v.device.type == "cpu" for v in torch.load(tmp_path / "cuda.pth")["state_dict"].values())
+
+
+# ------------------------------------------------------------------------------------------------------
+# toytown's stride-4 skip branch
+# ------------------------------------------------------------------------------------------------------
+
+
+def _skip_model(seed: int = 0) -> DeepLabV2:
+    torch.manual_seed(seed)
+    model = DeepLabV2("resnet10t", num_classes=5, aspp_rates=(1, 2), skip=True)
+    _randomise_bn(model, torch.Generator().manual_seed(seed + 1))
+    return model.eval()
+
+
+def test_fresh_skip_model_computes_deeplabv2() -> None:
+    """The skip branch's classifier starts at zero: the same backbone and ASPP give DeepLab-v2's stride-8 logits,
+    upsampled through stride 4."""
+    skip = _skip_model()
+    plain = DeepLabV2("resnet10t", num_classes=5, aspp_rates=(1, 2)).eval()
+    report = load_checkpoint(plain, skip.state_dict())
+    assert report.unexpected and all(k.startswith("skip.") for k in report.unexpected)
+    x = torch.randn(2, 3, 40, 72)
+    with torch.no_grad():
+        coarse = plain.aspp(plain.backbone.forward_features(x))  # [2, 5, 5, 9]
+        fine = F.interpolate(coarse, size=(10, 18), mode="bilinear", align_corners=True)
+        expected = F.interpolate(fine, size=(40, 72), mode="bilinear", align_corners=True)
+        torch.testing.assert_close(skip(x), expected)
+        assert (skip(x).argmax(1) == plain(x).argmax(1)).float().mean() > 0.95  # nearly DeepLab-v2's labels
+
+
+def test_skip_forward_matches_the_direct_formula() -> None:
+    """logits = up(up4(ASPP(layer4)) + skip(layer1)), written out with resnet10t's modules (independent of timm's
+    forward_intermediates)."""
+    model = _skip_model()
+    with torch.no_grad():
+        for p in model.skip.classifier.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    b, x = model.backbone, torch.randn(2, 3, 40, 72)
+    with torch.no_grad():
+        low = b.layer1(b.maxpool(b.act1(b.bn1(b.conv1(x)))))
+        high = b.layer4(b.layer3(b.layer2(low)))
+        assert low.shape[-2:] == (10, 18) and high.shape[-2:] == (5, 9)  # strides 4 and 8
+        aspp = sum(conv(high) for conv in model.aspp.conv2d_list)
+        fine = F.interpolate(aspp, size=(10, 18), mode="bilinear", align_corners=True)
+        fine = fine + model.skip.classifier(F.relu(model.skip.reduce[1](model.skip.reduce[0](low))))
+        expected = F.interpolate(fine, size=(40, 72), mode="bilinear", align_corners=True)
+        got = model(x)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, DeepLabV2.forward(_plain_view(model), x))
+
+
+def _plain_view(model: DeepLabV2) -> DeepLabV2:
+    clone = copy.deepcopy(model)
+    clone.skip = None
+    return clone
+
+
+def test_skip_in_head_group_and_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = _skip_model()
+    with torch.no_grad():
+        model.skip.classifier.weight.normal_()
+    groups = param_groups(model, lr=1.0, head_lr_mult=10.0)
+    head = {id(p) for p in groups[1]["params"]}
+    assert {id(p) for p in model.skip.parameters()} <= head
+    assert head == {id(p) for p in [*model.aspp.parameters(), *model.skip.parameters()]}
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model)
+    assert checkpoint_meta(path)["skip"] is True and checkpoint_architecture(path)["skip"] is True
+    loaded = load_model(path, "cpu")
+    assert loaded.skip is not None
+    x = torch.randn(1, 3, 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(InputError, match="skip"):
+        write_published_layout(path, tmp_path / "pub.pt")  # the published layout has no skip keys
+
+
+def test_checkpoints_without_skip_in_meta_load_as_plain(small: DeepLabV2, tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, small)
+    obj = torch.load(path, weights_only=True)
+    del obj["meta"]["skip"]  # a file written before the skip branch existed
+    torch.save(obj, path)
+    assert checkpoint_architecture(path)["skip"] is False
+    assert load_model(path, "cpu").skip is None
+
+
+def test_init_checkpoint_of_the_other_architecture_is_refused(small: DeepLabV2, tmp_path: Path) -> None:
+    """A non-strict load would silently drop the skip branch (or leave it random): refused, naming the field."""
+    plain, skipped = tmp_path / "plain.pt", tmp_path / "skip.pt"
+    save_checkpoint(plain, small)
+    save_checkpoint(skipped, DeepLabV2("resnet10t", num_classes=5, skip=True))
+    with pytest.raises(InputError, match=r"skip: .*plain\.pt has no the skip branch|skip: .*plain\.pt"):
+        build_model("resnet10t", 5, RATES, init_checkpoint=str(plain), skip=True)
+    with pytest.raises(InputError, match=r"skip: .*skip\.pt has the skip branch"):
+        build_model("resnet10t", 5, RATES, init_checkpoint=str(skipped), skip=False)
+    assert build_model("resnet10t", 5, RATES, init_checkpoint=str(skipped), skip=True).skip is not None
