@@ -533,8 +533,14 @@ def test_skip_in_head_group_and_checkpoint_round_trip(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 32, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
-    with pytest.raises(InputError, match="skip"):
-        write_published_layout(path, tmp_path / "pub.pt")  # the published layout has no skip keys
+    published = write_published_layout(path, tmp_path / "pub.pt")  # prefixed like every other key
+    assert "seg_model.skip.classifier.weight" in torch.load(published, weights_only=True)
+    again = DeepLabV2("resnet10t", num_classes=5, aspp_rates=(1, 2), skip=True).eval()
+    load_checkpoint(again, published, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    with pytest.raises(InputError, match=r"unexpected \(skip\."):  # a published-architecture model has no branch
+        load_checkpoint(DeepLabV2("resnet10t", num_classes=5, aspp_rates=(1, 2)), published, strict=True)
 
 
 def test_checkpoints_without_skip_in_meta_load_as_plain(small: DeepLabV2, tmp_path: Path) -> None:
