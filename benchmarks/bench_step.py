@@ -7,7 +7,9 @@ forward is the part that must be paid). HPLA belongs to the data pipeline (``sel
 DataLoader workers, like image decoding for both steps), so it is timed on its own per batch and a second ratio
 counts it inside the step, as when ``num_workers=0``.
 
-    python benchmarks/bench_step.py [--device cuda] [--backbone resnet101 --size 512 1024 --batch 2]
+    python benchmarks/bench_step.py [--device cuda] [--backbone resnet101 --size 512 1024 --batch 2 --no-skip]
+
+The model is toytown's unless told otherwise: with the stride-4 skip branch (``--no-skip``: the paper's DeepLab-v2).
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", action=argparse.BooleanOptionalAction, default=True, help="toytown's skip branch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev, (h, w), b = args.device, args.size, args.batch
     rates = (6, 12, 18, 24) if h >= 256 else (1, 2, 4, 6)
     torch.manual_seed(0)
-    student = DeepLabV2(args.backbone, 19, aspp_rates=rates).to(dev)
+    student = DeepLabV2(args.backbone, 19, aspp_rates=rates, skip=args.skip).to(dev)
     plain = copy.deepcopy(student)
     freeze_bn(student, "affine")
     teacher = copy.deepcopy(student).eval()

@@ -58,6 +58,7 @@ from hias_nb.self_train import self_train
 from hias_nb.train import load_model
 
 IGNORE = 255
+NEEDS_TRUTH = {"true_kept", "true_all", "drop_rim", "drop_region", "drop_wrong"}  # label sets that read the truth
 
 
 def erode(label: np.ndarray, r: int) -> np.ndarray:
@@ -100,11 +101,12 @@ def edited_labels(src: Path, dst: Path, mode: str, r: int, truth: dict[str, np.n
             out = truth[f.stem]
         elif mode == "true_kept":
             out = np.where(m, truth[f.stem], IGNORE).astype(np.uint8)
-        elif mode in ("drop_rim", "drop_region", "drop_wrong"):
+        elif mode == "drop_wrong":
+            out = np.where(m & (pl != truth[f.stem]), IGNORE, pl).astype(np.uint8)
+        elif mode in ("drop_rim", "drop_region"):
             rim = rim_errors(pl, truth[f.stem], r)
             wrong = m & (pl != truth[f.stem])
-            drop = {"drop_rim": rim, "drop_region": wrong & ~rim, "drop_wrong": wrong}[mode]
-            out = np.where(drop, IGNORE, pl).astype(np.uint8)
+            out = np.where(rim if mode == "drop_rim" else wrong & ~rim, IGNORE, pl).astype(np.uint8)
         else:
             out = erode(pl, r)
         kept += int(m.sum())
@@ -129,7 +131,7 @@ def run(demo: Path, modes: list[str], rounds: int, r: int, device: str, sets: li
     plan = stage_configs(cfg, device)
     val = SegDataset("toytown", cfg.data_root, "target_val")
     truth = {}
-    if {"true_kept", "true_all", "drop_rim", "drop_region", "drop_wrong"} & set(modes):
+    if NEEDS_TRUTH & set(modes):
         train = SegDataset("toytown", cfg.data_root, "target_train")
         for sample in train.samples:  # the label files only: the images are not needed
             raw = read_raw_label(sample.label, train.manifest.label)
@@ -168,9 +170,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a round setting, e.g. "
                    "round.strong=false (repeatable)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument(
-        "--erode", type=int, default=2, help="pixels, for --labels eroded, drop_rim, drop_region, drop_wrong"
-    )
+    p.add_argument("--erode", type=int, default=2, help="pixels, for --labels eroded, drop_rim, drop_region")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     run(a.demo, a.labels, a.rounds, a.erode, resolve_device(a.device), a.set)

@@ -202,7 +202,7 @@ def _check_against_meta(ckpt: Path, meta: dict, backbone: str, rates: tuple[int,
 def _cmd_evaluate(args) -> int:
     from hias_nb.data import SegDataset
     from hias_nb.evaluate import check_protocols, default_eval_size, evaluate, protocol_mious, stage_entry, write_report
-    from hias_nb.models import DeepLabV2, checkpoint_meta, load_complete
+    from hias_nb.models import DeepLabV2, checkpoint_meta, has_skip_branch, load_complete
     from hias_nb.runs import check_writable, resolve_device
 
     ckpt = Path(args.checkpoint)
@@ -229,7 +229,7 @@ def _cmd_evaluate(args) -> int:
             f"has {ds.protocol.num_classes}"
         )
     _check_against_meta(ckpt, meta, backbone, rates)
-    model = DeepLabV2(backbone, ds.protocol.num_classes, aspp_rates=rates, skip=bool(meta.get("skip", False)))
+    model = DeepLabV2(backbone, ds.protocol.num_classes, aspp_rates=rates, skip=has_skip_branch(ckpt))
     try:
         print(load_complete(model, ckpt))
     except InputError as e:

@@ -49,6 +49,7 @@ __all__ = [
     "load_complete",
     "checkpoint_meta",
     "checkpoint_architecture",
+    "has_skip_branch",
     "PUBLISHED_ARCHITECTURE",
     "write_published_layout",
 ]
@@ -178,6 +179,11 @@ class DeepLabV2(nn.Module):
         self.pretrained_report: LoadReport | None = None
         if pretrained is not None:
             self.pretrained_report = _load_pretrained_backbone(self.backbone, Path(pretrained))
+
+    @classmethod
+    def from_architecture(cls, arch: Mapping[str, Any]) -> DeepLabV2:
+        """A model with random weights of the architecture `checkpoint_architecture` describes."""
+        return cls(arch["backbone"], arch["num_classes"], aspp_rates=tuple(arch["aspp_rates"]), skip=arch["skip"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skip is None:
@@ -360,11 +366,24 @@ def checkpoint_meta(path: str | os.PathLike) -> dict:
     return {}
 
 
+def has_skip_branch(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint holds toytown's skip branch: a hias_nb file's meta says so (absent: no), a file of any
+    other layout has ``skip.*`` keys."""
+    meta = checkpoint_meta(path)
+    if meta:
+        return bool(meta.get("skip", False))
+    return _has_skip_keys(_unwrap_state_dict(_read_file(Path(path)), str(path)))
+
+
+def _has_skip_keys(state: Mapping[str, Any]) -> bool:
+    return any(_published_to_own(k).startswith("skip.") for k in state)
+
+
 def checkpoint_architecture(path: str | os.PathLike) -> dict[str, Any]:
     """``{"layout", "backbone", "num_classes", "aspp_rates", "skip"}`` of a checkpoint file: a hias_nb file's meta
-    (layout "hias_nb"; files from before the skip branch existed have none); for any other layout (HIAST/IAST,
-    layout "published") `PUBLISHED_ARCHITECTURE`, no skip branch, with the
-    class count read from the classifier's weight shape ``[num_classes, 2048, 3, 3]``."""
+    (layout "hias_nb"; files from before the skip branch existed have none, read as False); for any other layout
+    (HIAST/IAST, layout "published") `PUBLISHED_ARCHITECTURE` with the class count read from the classifier's
+    weight shape ``[num_classes, 2048, 3, 3]``, and a skip branch only when ``skip.*`` keys are present."""
     meta = checkpoint_meta(path)
     if meta:
         missing = [k for k in ("backbone", "num_classes", "aspp_rates") if k not in meta]
@@ -379,7 +398,8 @@ def checkpoint_architecture(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: no single DeepLab-v2 classifier (aspp.conv2d_list.*.weight) found; "
             f"is this a segmentation checkpoint? (e.g. keys {list(state)[:3]})"
         )
-    return {"layout": "published", **PUBLISHED_ARCHITECTURE, "num_classes": heads.pop()[0], "skip": False}
+    return {"layout": "published", **PUBLISHED_ARCHITECTURE, "num_classes": heads.pop()[0],
+            "skip": _has_skip_keys(state)}  # fmt: skip
 
 
 def load_checkpoint(

@@ -220,7 +220,7 @@ def load_model(checkpoint: str | Path, device: str, num_classes: int | None = No
     arch = checkpoint_architecture(checkpoint)
     if num_classes is not None and arch["num_classes"] != num_classes:
         raise InputError(f"{checkpoint}: num_classes is {arch['num_classes']}, expected {num_classes}")
-    model = DeepLabV2(arch["backbone"], arch["num_classes"], aspp_rates=arch["aspp_rates"], skip=arch["skip"])
+    model = DeepLabV2.from_architecture(arch)
     report = load_complete(model, checkpoint)
     if arch["layout"] == "published":
         print(f"published layout, loaded as {arch['backbone']} DeepLab-v2: {report}")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from hias_nb.classes import CITYSCAPES_CLASSES
 from hias_nb.cli import main
-from hias_nb.models import DeepLabV2, save_checkpoint
+from hias_nb.models import DeepLabV2, save_checkpoint, write_published_layout
 
 TRAIN = ["--iterations", "4", "--batch_size", "4", "--checkpoint_every", "2", "--warmup", "0", "--progress", "false"]
 
@@ -298,3 +298,23 @@ def test_evaluate_reports_every_requested_protocol_from_one_evaluation(tiny_toyt
     assert syn["stages"][0]["miou_by_protocol"] == pytest.approx(expected, abs=0.011)
     assert syn["protocol"] == "synthia16" and len(syn["classes"]) == 16 and syn["config"]["protocols"] == list(expected)
     assert f"images): {syn['stages'][0]['miou_by_protocol']['synthia13']:.2f}\n" in out and "mIoU (synthia13, " in out
+
+
+def test_evaluate_rebuilds_the_skip_branch_from_its_own_and_a_published_layout_file(tiny_toytown, tmp_path, capsys):
+    """A toytown model with the stride-4 skip branch scores the same from its own file and from its published-layout
+    copy (no meta there: the branch is read from its skip.* keys; backbone and rates given on the command line)."""
+    torch.manual_seed(0)
+    model = DeepLabV2("resnet10t", num_classes=19, aspp_rates=(1, 2), skip=True)
+    with torch.no_grad():
+        model.skip.classifier.weight.normal_(std=3.0)  # the branch changes the predictions
+    own = tmp_path / "own.pt"
+    save_checkpoint(own, model)
+    published = write_published_layout(own, tmp_path / "published.pth")
+    scores = {}
+    arch = ["--backbone", "resnet10t", "--aspp-rates", "1", "2"]  # what a published-layout file cannot record
+    for name, path, extra in (("own", own, []), ("pub", published, arch)):
+        js = tmp_path / f"{name}.json"
+        args = ["evaluate", "--checkpoint", str(path), "--data-root", str(tiny_toytown), "--json", str(js), *extra]
+        assert main(args) == 0, capsys.readouterr().err
+        scores[name] = json.loads(js.read_text())["stages"][0]["miou"]
+    assert scores["own"] == scores["pub"]

@@ -23,6 +23,7 @@ from hias_nb.models import (
     checkpoint_meta,
     describe_init,
     freeze_bn,
+    has_skip_branch,
     load_checkpoint,
     param_groups,
     save_checkpoint,
@@ -511,6 +512,11 @@ def test_skip_forward_matches_the_direct_formula() -> None:
     assert not torch.allclose(got, DeepLabV2.forward(_plain_view(model), x))
 
 
+def _save(path: Path, model: DeepLabV2) -> Path:
+    save_checkpoint(path, model)
+    return path
+
+
 def _plain_view(model: DeepLabV2) -> DeepLabV2:
     clone = copy.deepcopy(model)
     clone.skip = None
@@ -535,6 +541,9 @@ def test_skip_in_head_group_and_checkpoint_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded(x), model(x))
     published = write_published_layout(path, tmp_path / "pub.pt")  # prefixed like every other key
     assert "seg_model.skip.classifier.weight" in torch.load(published, weights_only=True)
+    assert checkpoint_architecture(published)["skip"] is True and has_skip_branch(published)  # read from the keys
+    plain_copy = write_published_layout(_save(tmp_path / "plain.pt", DeepLabV2("resnet10t", 5)), tmp_path / "p.pth")
+    assert checkpoint_architecture(plain_copy)["skip"] is False and not has_skip_branch(plain_copy)
     again = DeepLabV2("resnet10t", num_classes=5, aspp_rates=(1, 2), skip=True).eval()
     load_checkpoint(again, published, strict=True)
     with torch.no_grad():
@@ -558,8 +567,8 @@ def test_init_checkpoint_of_the_other_architecture_is_refused(small: DeepLabV2, 
     plain, skipped = tmp_path / "plain.pt", tmp_path / "skip.pt"
     save_checkpoint(plain, small)
     save_checkpoint(skipped, DeepLabV2("resnet10t", num_classes=5, skip=True))
-    with pytest.raises(InputError, match=r"skip: .*plain\.pt has no the skip branch|skip: .*plain\.pt"):
+    with pytest.raises(InputError, match=r"skip: .*plain\.pt lacks the skip branch, the run asks for skip: true"):
         build_model("resnet10t", 5, RATES, init_checkpoint=str(plain), skip=True)
-    with pytest.raises(InputError, match=r"skip: .*skip\.pt has the skip branch"):
+    with pytest.raises(InputError, match=r"skip: .*skip\.pt has the skip branch, the run asks for skip: false"):
         build_model("resnet10t", 5, RATES, init_checkpoint=str(skipped), skip=False)
     assert build_model("resnet10t", 5, RATES, init_checkpoint=str(skipped), skip=True).skip is not None
