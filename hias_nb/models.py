@@ -357,7 +357,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict | None
 
 def checkpoint_meta(path: str | os.PathLike) -> dict:
     """The `meta` dict of a hias_nb checkpoint; `{}` for any other layout (e.g. a published HIAST file)."""
-    obj = _read_file(Path(path))
+    return _meta_of(_read_file(Path(path)), path)
+
+
+def _meta_of(obj: Any, path: str | os.PathLike) -> dict:
+    """`checkpoint_meta` of a file's loaded contents `obj`."""
     if isinstance(obj, Mapping) and "hias_nb_format" in obj:
         meta = obj.get("meta", {})
         if not isinstance(meta, dict):
@@ -368,11 +372,12 @@ def checkpoint_meta(path: str | os.PathLike) -> dict:
 
 def has_skip_branch(path: str | os.PathLike) -> bool:
     """Whether a checkpoint holds toytown's skip branch: a hias_nb file's meta says so (absent: no), a file of any
-    other layout has ``skip.*`` keys."""
-    meta = checkpoint_meta(path)
+    other layout has ``skip.*`` keys. Reads the file once."""
+    obj = _read_file(Path(path))
+    meta = _meta_of(obj, path)
     if meta:
         return bool(meta.get("skip", False))
-    return _has_skip_keys(_unwrap_state_dict(_read_file(Path(path)), str(path)))
+    return _has_skip_keys(_unwrap_state_dict(obj, str(path)))
 
 
 def _has_skip_keys(state: Mapping[str, Any]) -> bool:
@@ -384,14 +389,15 @@ def checkpoint_architecture(path: str | os.PathLike) -> dict[str, Any]:
     (layout "hias_nb"; files from before the skip branch existed have none, read as False); for any other layout
     (HIAST/IAST, layout "published") `PUBLISHED_ARCHITECTURE` with the class count read from the classifier's
     weight shape ``[num_classes, 2048, 3, 3]``, and a skip branch only when ``skip.*`` keys are present."""
-    meta = checkpoint_meta(path)
+    obj = _read_file(Path(path))
+    meta = _meta_of(obj, path)
     if meta:
         missing = [k for k in ("backbone", "num_classes", "aspp_rates") if k not in meta]
         if missing:
             raise InputError(f"{path}: meta has no {missing[0]} (not a model checkpoint)")
         return {"layout": "hias_nb", "backbone": meta["backbone"], "num_classes": int(meta["num_classes"]),
                 "aspp_rates": tuple(meta["aspp_rates"]), "skip": bool(meta.get("skip", False))}  # fmt: skip
-    state = _unwrap_state_dict(_read_file(Path(path)), str(path))
+    state = _unwrap_state_dict(obj, str(path))
     heads = {tuple(v.shape) for k, v in state.items() if _ASPP_KEY.fullmatch(_published_to_own(k)) and v.ndim == 4}
     if len(heads) != 1:
         raise InputError(
