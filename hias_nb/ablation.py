@@ -34,13 +34,13 @@ import yaml
 
 from hias_nb.analysis import last_round
 from hias_nb.data import SegDataset
-from hias_nb.demo import DemoConfig, adabn_checkpoint, demo_config, resolved_config, run_demo
+from hias_nb.demo import RESUME_FREE, DemoConfig, adabn_checkpoint, demo_config, resolved_config, run_demo
 from hias_nb.errors import InputError
 from hias_nb.evaluate import evaluate_stage
 from hias_nb.io import atomic_path
 from hias_nb.model_selection import rank_correlations
-from hias_nb.runs import claim_config, resolve_device
-from hias_nb.train import load_model, train_source
+from hias_nb.runs import claim_config, refuse_foreign, resolve_device
+from hias_nb.train import train_source
 
 __all__ = ["VARIANTS", "run_ablation", "ablation_table", "checkpoints"]
 
@@ -102,9 +102,9 @@ def _control(seed_dir: Path, cfg: DemoConfig, device: str) -> list[dict]:
         )
     )
     val = SegDataset("toytown", cfg.data_root, "target_val")
-    entries = [evaluate_stage(out / "eval.json", "control", load_model(ckpt, device), val, device)]
+    entries = [evaluate_stage(out / "eval.json", "control", ckpt, val, device)]
     adabn = adabn_checkpoint(ckpt, out / "adabn.pt", cfg.data_root, cfg.adabn_batch_size, device, cfg.adabn_images)
-    entries.append(evaluate_stage(out / "eval_adabn.json", "control_adabn", load_model(adabn, device), val, device))
+    entries.append(evaluate_stage(out / "eval_adabn.json", "control_adabn", adabn, val, device))
     return entries
 
 
@@ -130,6 +130,7 @@ def run_ablation(
     given = {k: v for k, v in (("device", device), ("data_root", data_root)) if v is not None}
     base = demo_config(quick, config, {**overrides, **given})  # checks every key once, before anything runs
     overrides = {**overrides, **given, "device": resolve_device(base.device)}
+    refuse_foreign(out)  # never adopt a folder that is not a run
     out.mkdir(parents=True, exist_ok=True)
     demo = {k: v for k, v in resolved_config(base).items() if k not in ("out", "seed")}  # per variant and seed
     ablation = {"seeds": list(seeds), "variants": {v: VARIANTS[v] for v in variants}, "control": control}
@@ -166,14 +167,18 @@ def run_ablation(
 def _variant(name: str, seed_dir: Path, quick: bool, config: str | Path | None, overrides: dict) -> dict:
     """One variant's demo in ``seed_dir/name``; every variant but ``full`` starts from the full run's shared
     source-only and warm-up stages (the full run is made first where missing) and trains no oracle."""
-    full = seed_dir / "full"
-    if name != "full":
-        if not (full / "round_1").exists():
-            run_demo(quick, config, **{**overrides, "out": str(full)})
-        (seed_dir / name).mkdir(parents=True, exist_ok=True)
-        _share_source(full, seed_dir / name)
-        overrides = {**overrides, "oracle": False}
-    return run_demo(quick, config, **{**overrides, "out": str(seed_dir / name), **VARIANTS[name]})
+    full, out = seed_dir / "full", seed_dir / name
+    if name == "full":
+        return run_demo(quick, config, **{**overrides, "out": str(out)})
+    if not (full / "round_1").exists():
+        run_demo(quick, config, **{**overrides, "out": str(full)})
+    variant = {**overrides, "oracle": False, "out": str(out), **VARIANTS[name]}
+    out.mkdir(parents=True, exist_ok=True)
+    # the folder is the variant's run before the shared stages are linked into it (files without a config.yaml
+    # would be a folder that is not a run, which the demo refuses)
+    claim_config(out / "config.yaml", resolved_config(demo_config(quick, config, variant)), RESUME_FREE)
+    _share_source(full, out)
+    return run_demo(quick, config, **variant)
 
 
 def _row(variant: str, seed: int, stage: dict) -> dict:

@@ -251,6 +251,8 @@ def _cmd_evaluate(args) -> int:
     print(result.table(args.name).round(2).to_string())
     mious = protocol_mious(result, protocols)
     where = f"{len(ds)} images" + (f", at {size[0]}×{size[1]}" if size else "")
+    if args.resize:  # the labels too are resized (nearest) before scoring: say so, the number is not comparable
+        where += f", images and labels resized to {args.resize[0]}×{args.resize[1]}"
     for name, value in mious.items():
         print(f"mIoU ({name}, {where}): {value:.2f}")
     if args.json:
@@ -262,8 +264,11 @@ def _cmd_evaluate(args) -> int:
             {
                 "checkpoint": str(ckpt),
                 "dataset": args.dataset,
+                "data_root": str(Path(args.data_root).resolve()),
                 "split": split,
+                "resize": list(args.resize) if args.resize else None,
                 "backbone": backbone,
+                "aspp_rates": list(rates),
                 "scales": list(args.scales),
                 "flip": args.flip,
                 "size": list(size) if size else None,

@@ -41,7 +41,7 @@ from hias_nb.model_selection import dataset_agreement
 from hias_nb.models import checkpoint_meta, save_checkpoint
 from hias_nb.pretrain import PretrainConfig, pretrain
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
-from hias_nb.runs import claim_config, resolve_device
+from hias_nb.runs import claim_config, refuse_foreign, resolve_device
 from hias_nb.self_train import SelfTrainConfig, self_train
 from hias_nb.train import TrainConfig, load_model, recalibrate_bn, train_source
 from hias_nb.warmup import WarmupConfig, adversarial_warmup
@@ -232,6 +232,7 @@ def run_demo(quick: bool = False, config: str | Path | None = None, **overrides:
     plan = stage_configs(cfg, device)
     t0 = time.perf_counter()
     out_dir = Path(cfg.out)
+    refuse_foreign(out_dir)  # never adopt a folder that is not a run
     out_dir.mkdir(parents=True, exist_ok=True)
     # a resumed demo's wall_seconds cover this call only; the report says so
     resumed = any(out_dir.glob("*/eval*.json"))
@@ -276,7 +277,7 @@ def _run_stages(cfg: DemoConfig, plan: dict[str, Any], device: str) -> tuple[lis
     students: list[dict] = []
 
     def evaluated(name: str, ckpt: Path, path: Path) -> dict:  # cached in `path`
-        return evaluate_stage(path, name, load_model(ckpt, device), val, device)
+        return evaluate_stage(path, name, ckpt, val, device)
 
     def adabn(source: Path, stage: str) -> Path:  # the demo's one AdaBN setting, for both stages that use it
         dst = out / stage / "model_final.pt"

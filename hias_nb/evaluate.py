@@ -8,6 +8,7 @@ softmax of the mirrored image. With one scale of 1.0 and no flip this is a plain
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections.abc import Sequence
@@ -25,9 +26,11 @@ from tqdm.auto import tqdm
 from hias_nb import __version__, augment, distributed
 from hias_nb.classes import IGNORE, Protocol, get_protocol
 from hias_nb.errors import InputError
-from hias_nb.io import read_json, write_json
+from hias_nb.io import file_sha256, read_json, write_json
 from hias_nb.metrics import ConfusionMatrix, iou_per_class, iou_table, mean_iou
 from hias_nb.model_selection import LabelFreeScores
+from hias_nb.runner import dataset_identity
+from hias_nb.train import load_model
 
 __all__ = [
     "EvalResult",
@@ -240,19 +243,40 @@ def protocol_mious(result: EvalResult, names: Sequence[str]) -> dict[str, float]
 
 
 def evaluate_stage(
-    path: str | Path, name: str, model: nn.Module, ds, device: str, protocols: Sequence[str] = (), **settings: Any
+    path: str | Path,
+    name: str,
+    checkpoint: str | Path,
+    ds,
+    device: str,
+    protocols: Sequence[str] = (),
+    **settings: Any,
 ) -> dict[str, Any]:
-    """Evaluate `model` on `ds` once and cache its `stage_entry` as JSON at `path` (a resumed run does not
-    re-evaluate); `protocols` add ``miou_by_protocol``; `settings` go to `evaluate` (batch_size, scales, ...)."""
+    """Evaluate the model in `checkpoint` on `ds` and cache its `stage_entry` as JSON at `path`, so that a resumed
+    run does not evaluate again; `protocols` add ``miou_by_protocol``; `settings` go to `evaluate` (batch_size,
+    scales, ...). The cache records what it was computed from (the checkpoint's sha256, the data's identity, the
+    protocols and settings) and is used only when all of them are the same: a checkpoint replaced or data
+    regenerated since is evaluated again, never reported from the old file."""
     path = Path(path)
+    key = {
+        "checkpoint_sha256": file_sha256(checkpoint),
+        **dataset_identity(ds.manifest, ds.root, [ds.split]),
+        "split": ds.split,
+        "size": ds.size,
+        "protocols": list(protocols),
+        "settings": settings,
+    }
+    key = json.loads(json.dumps(key))  # tuples as lists, as the cache file holds them
     if path.exists():
-        return read_json(path)
+        cached = read_json(path)
+        if isinstance(cached, dict) and cached.pop("cache_key", None) == key:
+            return cached
     protocol = check_protocols(protocols, ds.protocol)[0] if protocols else ds.protocol  # the first leads
+    model = load_model(checkpoint, device)
     result = evaluate(model, ds, protocol, device, desc=f"evaluate {name}", **settings)
     extra = {"miou_by_protocol": protocol_mious(result, protocols)} if protocols else {}
     entry = stage_entry(name, result, **extra)
     if distributed.is_main():  # under torchrun every process holds the summed result; one writes it
-        write_json(path, entry)
+        write_json(path, {**entry, "cache_key": key})
     return entry
 
 

@@ -41,7 +41,8 @@ from hias_nb.data import SegDataset
 from hias_nb.errors import InputError
 from hias_nb.evaluate import predict_probs
 from hias_nb.io import file_sha256, read_json, write_json, write_png
-from hias_nb.runs import resolve_device, run_lock
+from hias_nb.runner import dataset_identity
+from hias_nb.runs import check_writable, resolve_device, run_lock
 from hias_nb.train import load_model
 
 __all__ = ["PseudoLabelConfig", "generate_pseudo_labels", "visiting_order", "load_pseudo_summary"]
@@ -118,20 +119,31 @@ def _selector(cfg: PseudoLabelConfig, num_classes: int) -> selectors.Selector:
     return selectors.NoThreshold(num_classes)
 
 
+SUMMARY_FIELDS = {"config": dict, "classes": list, "class_values": list, "predicted_pixels": list}
+
+
 def load_pseudo_summary(folder: str | Path) -> dict:
-    """``summary.json`` of a finished pseudo-label folder (see the module docstring); InputError if none."""
-    folder = Path(folder)
-    if not (folder / "summary.json").exists():
+    """``summary.json`` of a finished pseudo-label folder (see the module docstring); InputError if there is none
+    or it is not one this project wrote (a field missing or of another type)."""
+    path = Path(folder) / "summary.json"
+    if not path.exists():
         raise InputError(f"{folder}: no pseudo-labels here (summary.json missing); run `hias-nb pseudo-label`")
-    return read_json(folder / "summary.json")
+    summary = read_json(path)
+    if not isinstance(summary, dict):
+        raise InputError(f"{path}: not a pseudo-label summary (a JSON {type(summary).__name__}, not an object)")
+    for field, kind in SUMMARY_FIELDS.items():
+        if not isinstance(summary.get(field), kind):
+            raise InputError(f"{path}: {field}: missing or not a {kind.__name__}; not a summary hias-nb wrote")
+    return summary
 
 
 def _inputs(cfg: PseudoLabelConfig, ds: SegDataset) -> dict[str, str]:
-    """What the labels are made from, beyond the config: the model's bytes and the exact image set."""
+    """What the labels are made from, beyond the config: the model's bytes, the exact image set, and the data's
+    identity (`runner.dataset_identity`: regenerated data under the same names changes it)."""
     ids = "\n".join(s.id for s in ds.samples).encode()
     return {
         "checkpoint_sha256": file_sha256(cfg.checkpoint),
-        "data_root": str(Path(cfg.data_root).resolve()),
+        **dataset_identity(cfg.dataset, cfg.data_root, [cfg.split]),
         "images_sha256": hashlib.sha256(ids).hexdigest(),
     }
 
@@ -312,6 +324,7 @@ def generate_pseudo_labels(cfg: PseudoLabelConfig) -> Path:
     """
     cfg.validate()
     out = Path(cfg.out)
+    check_writable(out / "summary.json", "out")
     t0 = time.perf_counter()
     distributed.init_distributed(resolve_device(cfg.device))
     ds = SegDataset(cfg.dataset, cfg.data_root, cfg.split, size=cfg.resize)

@@ -189,11 +189,12 @@ def input_identity(cfg: Any) -> dict[str, str]:
 DATA_SPLIT_KEYS = ("split", "source_split", "target_split")  # the stage-config keys that name splits read
 
 
-def dataset_identity(dataset: str, data_root: str | Path, splits: list[str]) -> dict[str, str]:
-    """The data a stage reads, cheaply: its folder, and a sha256 over every sample's id and the byte sizes of its
-    image and label files in `splits`, plus a ``manifest.json`` in `data_root` (toytown's version, seed and
-    size). Files replaced by others of another size, added or removed change it; contents are not read (a
-    Cityscapes-sized set would take minutes)."""
+def dataset_identity(dataset: Any, data_root: str | Path, splits: list[str]) -> dict[str, str]:
+    """The data a stage reads, cheaply (`dataset`: a name, manifest path or `Manifest`, as `SegDataset` takes
+    it): its folder, and a sha256 over every sample's id and the byte sizes of its image and label files in
+    `splits`, plus a ``manifest.json`` in `data_root` (toytown's version, seed and size). Files replaced by
+    others of another size, added or removed change it; contents are not read (a Cityscapes-sized set would take
+    minutes)."""
     from hias_nb.data import SegDataset  # local: the data package imports the runner's users
 
     h = hashlib.sha256()
@@ -256,6 +257,12 @@ def _run(
     start = int(state["iteration"]) if state is not None else 0
     if cfg.iterations < start:
         raise InputError(f"iterations: {cfg.iterations} is below the iteration this run reached ({start})")
+    precision = resolve_amp(device, getattr(cfg, "amp", "off"))  # what the steps run in on this machine
+    if state is not None and state.get("precision", precision) != precision:  # one run, one precision
+        raise InputError(
+            f"{out / 'state.pt'}: precision: the run so far trained in {state['precision']}, here amp "
+            f"{getattr(cfg, 'amp', 'off')!r} on {device} runs in {precision}; resume on a machine like the first"
+        )
     stage = build(device, start)
     if distributed.is_main():  # the stage could be set up (data, models): now the folder holds this run
         check_free_space(out, stage)
@@ -271,20 +278,20 @@ def _run(
         if distributed.is_main():
             print(f"{out / 'state.pt'}: resuming at iteration {start}/{cfg.iterations}")
     stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
-    seconds = _loop(stage, cfg, out, name, start, stop)
+    seconds = _loop(stage, cfg, out, name, start, stop, precision)
     if stop < cfg.iterations:
         print(f"{out / 'state.pt'}: paused at iteration {stop}/{cfg.iterations} (stop_after); the same command resumes")
         return out
     if distributed.is_main():
         timing = {"iterations": cfg.iterations, "seconds_per_iteration": seconds / max(stop - start, 1)}
-        precision = resolve_amp(device, getattr(cfg, "amp", "off"))  # the one the steps ran in
         stage.finish(out, {**timing, "precision": precision})
     distributed.barrier()
     return out
 
 
-def _loop(stage: Stage, cfg: Any, out: Path, name: str, start: int, stop: int) -> float:
-    """Iterations `start`..`stop` of `stage`: log, progress and resumable state; returns the seconds taken."""
+def _loop(stage: Stage, cfg: Any, out: Path, name: str, start: int, stop: int, precision: str = "off") -> float:
+    """Iterations `start`..`stop` of `stage`: log, progress and resumable state (with the `precision` the steps
+    run in, which a resumption must match); returns the seconds taken."""
     main = distributed.is_main()
     log = CsvLog(out / "log.csv", resume_from=start) if main else None
     bar = tqdm(total=cfg.iterations, initial=start, desc=name, disable=not (cfg.progress and main), dynamic_ncols=True)
@@ -310,7 +317,8 @@ def _loop(stage: Stage, cfg: Any, out: Path, name: str, start: int, stop: int) -
             if main:
                 _check_finite(stage, out, it + 1)
                 parts = {key: _state_of(part) for key, part in stage.parts.items()}
-                save_state(out / "state.pt", {**parts, "iteration": it + 1, "generator_ranks": ranks})
+                state = {**parts, "iteration": it + 1, "generator_ranks": ranks, "precision": precision}
+                save_state(out / "state.pt", state)
     bar.close()
     return time.perf_counter() - t0
 

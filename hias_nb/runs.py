@@ -29,6 +29,7 @@ from hias_nb.io import atomic_path
 
 __all__ = [
     "prepare_run_dir",
+    "refuse_foreign",
     "record_resume_changes",
     "RESUME_CHANGEABLE",
     "claim_config",
@@ -59,6 +60,20 @@ def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True, resuming: boo
     stage writes once it has started, so a failed start blocks no corrected re-run). A folder with files but no
     ``config.yaml`` is not a hias_nb run: it is refused, never adopted."""
     out = Path(out)
+    refuse_foreign(out)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+    free = _RESUME_FREE | set(RESUME_CHANGEABLE) if resuming else _RESUME_FREE
+    claim_config(out / "config.yaml", config_to_dict(cfg), free, write)
+    return out
+
+
+def refuse_foreign(out: str | Path) -> None:
+    """Refuse an ``--out`` that is a file, or a folder with files but no ``config.yaml`` (not a hias_nb run: never
+    adopted, so nothing of its owner's is overwritten)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out: {out} is a file, not a folder")
     if out.is_dir() and not (out / "config.yaml").exists():
         foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
         if foreign:
@@ -66,11 +81,6 @@ def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True, resuming: boo
                 f"{out}: holds files but no hias_nb run (no config.yaml; e.g. {foreign[0]}); choose a new or empty "
                 "folder for --out"
             )
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
-    free = _RESUME_FREE | set(RESUME_CHANGEABLE) if resuming else _RESUME_FREE
-    claim_config(out / "config.yaml", config_to_dict(cfg), free, write)
-    return out
 
 
 def record_resume_changes(out: str | Path, cfg: Any, iteration: int) -> dict[str, list]:

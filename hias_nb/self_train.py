@@ -34,6 +34,7 @@ from hias_nb.pseudo_label import load_pseudo_summary
 from hias_nb.runner import (
     RunSettings,
     autocast_context,
+    dataset_identity,
     lr_factor,
     make_optimizer,
     make_scaler,
@@ -143,7 +144,12 @@ class PseudoLabelledTarget(torch.utils.data.Dataset):
     def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image uint8 [3,H,W], pseudo-label int64 [H,W])`` of the image called `name` (an HPLA donor)."""
         item = self.images[self.index_of[name]]
-        label = torch.from_numpy(read_label(self.folder / f"{name}.png"))
+        path = self.folder / f"{name}.png"
+        label = torch.from_numpy(read_label(path))
+        classes = self.images.protocol.num_classes
+        bad = (label >= classes) & (label != IGNORE)
+        if bad.any():  # else an index error deep in the loss, or a CUDA device assert
+            raise InputError(f"{path}: label: value {int(label[bad][0])} is neither a class (0..{classes - 1}) nor 255")
         if label.shape != item["image"].shape[1:]:
             label = resize_label(label, tuple(item["image"].shape[1:]))
         return item["image"], label
@@ -190,9 +196,14 @@ def check_pseudo_origin(cfg: SelfTrainConfig) -> None:
     for key in ("dataset", "split"):
         if made["config"][key] != getattr(cfg, key):
             raise InputError(f"{where} {key} {made['config'][key]!r}, this round trains on {getattr(cfg, key)!r}")
-    root = made.get("inputs", {}).get("data_root")  # recorded since pseudo-label folders record their inputs
+    recorded = made.get("inputs", {})  # recorded since pseudo-label folders record their inputs
+    root = recorded.get("data_root")
     if root is not None and root != str(Path(cfg.data_root).resolve()):
         raise InputError(f"{where} the images in {root}, this round trains on those in {cfg.data_root}")
+    if "data_sha256" in recorded:  # the same names, other images (data regenerated since): labels of other scenes
+        now = dataset_identity(cfg.dataset, cfg.data_root, [cfg.split])["data_sha256"]
+        if now != recorded["data_sha256"]:
+            raise InputError(f"{where} other images under the same names: {cfg.data_root} changed since they were made")
 
 
 def build_hpla(

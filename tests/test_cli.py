@@ -146,6 +146,16 @@ def test_train_resume_is_exact_and_evaluate_writes_report(tiny_toytown, tmp_path
     stage = r["stages"][0]
     vals = [v for v in stage["per_class"].values() if v is not None]
     assert abs(stage["miou"] - np.mean(vals)) < 0.01 and set(stage["per_class"]) == set(r["classes"])
+    assert r["config"]["data_root"] == str(tiny_toytown.resolve()) and r["config"]["resize"] is None
+    assert r["config"]["aspp_rates"] == [1, 2, 4, 6]
+    # scored against resized labels: a different number, and the report and the printed line say why
+    resized = tmp_path / "r16.json"
+    ckpt = str(tmp_path / "a" / "model_final.pt")
+    capsys.readouterr()
+    args = ["evaluate", "--checkpoint", ckpt, "--data-root", str(tiny_toytown), "--json", str(resized)]
+    assert main([*args, "--resize", "16", "32"]) == 0
+    assert "labels resized to 16×32" in capsys.readouterr().out
+    assert json.loads(resized.read_text())["config"]["resize"] == [16, 32]
 
 
 def test_checkpoint_for_another_class_count_is_refused(tiny_toytown, tmp_path, capsys):
@@ -207,6 +217,20 @@ def test_demo_alpha_reaches_the_pseudo_label_stage_and_is_saved(fake_stages, tmp
     fake_stages.clear()
     assert main(["demo", "--config", str(out / "config.yaml"), "--out", str(again)]) == 0
     assert _as_dicts(fake_stages) == first
+
+
+def test_demo_refuses_a_folder_that_is_not_a_run(fake_stages, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.json").write_text("my own report")
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--data-root", "dr"]) == 2
+    assert "holds files but no hias_nb run" in _err_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"] and not fake_stages
+    assert (out / "report.json").read_text() == "my own report"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(["demo", "--out", str(a_file), "--device", "cpu", "--data-root", "dr"]) == 2
+    assert "is a file, not a folder" in _err_line(capsys)
 
 
 def _as_dicts(calls, old: str = "", new: str = "") -> list:

@@ -258,6 +258,59 @@ def test_pseudo_labels_know_their_inputs(tiny_toytown, model_ckpt, tmp_path):
     assert not (tmp_path / "s" / "config.yaml").exists() and not (tmp_path / "c" / "config.yaml").exists()
 
 
+def test_pseudo_labels_of_regenerated_data_are_refused(tiny_toytown, model_ckpt, tmp_path):
+    """Data regenerated under the same names (another seed) after the labels were made: a re-run of the labelling
+    does not call the old folder complete, and a round does not train on labels of other scenes."""
+    import shutil
+
+    from hias_nb.data.toytown import generate_toytown
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_toytown, data)
+    out = generate_pseudo_labels(_pl(data, model_ckpt, tmp_path / "pl"))
+    assert generate_pseudo_labels(_pl(data, model_ckpt, tmp_path / "pl")) == out  # unchanged: complete
+    shutil.rmtree(data)
+    generate_toytown(data, images=24, seed=1, size=(32, 64), progress=False)
+    with pytest.raises(InputError, match="data_sha256"):
+        generate_pseudo_labels(_pl(data, model_ckpt, tmp_path / "pl"))
+    base = dict(pseudo_dir=str(out), init_checkpoint=str(model_ckpt), iterations=1, batch_size=2, progress=False)
+    with pytest.raises(InputError, match="other images under the same names"):
+        self_train(SelfTrainConfig(out=str(tmp_path / "s"), data_root=str(data), **base))
+    assert not (tmp_path / "s" / "config.yaml").exists()
+
+
+def test_foreign_pseudo_folders_and_label_values_are_refused(tiny_toytown, pseudo_dir, model_ckpt, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from hias_nb.pseudo_label import load_pseudo_summary
+
+    # a label value that is no class: refused naming the file, not an index error inside the loss
+    folder = tmp_path / "pl"
+    shutil.copytree(pseudo_dir, folder)
+    images = SegDataset("toytown", tiny_toytown, "target_train")
+    name = images.samples[3].id
+    lab = read_label(folder / "labels" / f"{name}.png")
+    lab[0, 0] = 40
+    Image.fromarray(lab.astype(np.uint8)).save(folder / "labels" / f"{name}.png")
+    target = PseudoLabelledTarget(images, folder)
+    target.load(images.samples[2].id)  # the others still load
+    with pytest.raises(InputError, match=rf"{name}\.png: label: value 40 is neither a class \(0\.\.18\) nor 255"):
+        target.load(name)
+    # a summary.json this project did not write
+    for text, field in (("[1, 2]", "not a pseudo-label summary"), ('{"name": "x"}', "config: missing")):
+        (folder / "summary.json").write_text(text)
+        with pytest.raises(InputError, match=field):
+            load_pseudo_summary(folder)
+    # --out that is a file
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        generate_pseudo_labels(_pl(tiny_toytown, model_ckpt, a_file))
+    assert a_file.read_text() == "mine"
+
+
 @pytest.mark.slow
 def test_a_published_checkpoint_starts_pseudo_labelling_and_a_round(tiny_toytown, tmp_path, capsys):
     """A file in the published HIAST layout (``seg_model.`` keys, a representation head and discriminator keys,

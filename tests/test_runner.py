@@ -309,6 +309,26 @@ def test_resuming_may_change_lr_and_iterations_and_records_it(tmp_path):
     assert not (tmp_path / "b" / "resumes.yaml").exists()
 
 
+def test_a_resumption_in_another_precision_is_refused(tmp_path):
+    """`amp: bf16` resolves per machine (bf16 where the CPU or GPU has it, fp32 elsewhere): a run paused on one
+    machine and resumed on another must not train its second half in another precision without a word."""
+    cfg = LineConfig(out=str(tmp_path / "run"), stop_after=3)
+    run(cfg)
+    state_file = tmp_path / "run" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state["precision"] == "off"  # what this config's steps ran in
+    state["precision"] = "bf16"  # as if the first part had run where bf16 is native
+    torch.save(state, state_file)
+    before = state_file.read_bytes()
+    refused = "precision: the run so far trained in bf16, here amp 'off' on cpu runs in off"
+    with pytest.raises(InputError, match=refused):
+        run(cfg)
+    assert state_file.read_bytes() == before and not (tmp_path / "run" / "final.pt").exists()
+    state["precision"] = "off"
+    torch.save(state, state_file)
+    assert (run(LineConfig(out=str(tmp_path / "run"))) / "final.pt").exists()
+
+
 def test_a_resumed_training_stage_follows_the_new_lr_schedule(tiny_toytown, tmp_path):
     from hias_nb.runner import lr_factor
     from hias_nb.train import TrainConfig, train_source
