@@ -270,6 +270,8 @@ def evaluate_stage(
         cached = read_json(path)
         if isinstance(cached, dict) and cached.pop("cache_key", None) == key:
             return cached
+        if distributed.is_main():
+            print(f"{path}: computed from another checkpoint, data or settings; evaluating {name} again")
     protocol = check_protocols(protocols, ds.protocol)[0] if protocols else ds.protocol  # the first leads
     model = load_model(checkpoint, device)
     result = evaluate(model, ds, protocol, device, desc=f"evaluate {name}", **settings)
