@@ -39,7 +39,7 @@ from hias_nb.errors import InputError
 from hias_nb.evaluate import evaluate_stage
 from hias_nb.io import atomic_path
 from hias_nb.model_selection import rank_correlations
-from hias_nb.runs import claim_config, refuse_foreign, resolve_device
+from hias_nb.runs import claim_run_folder, resolve_device
 from hias_nb.train import train_source
 
 __all__ = ["VARIANTS", "run_ablation", "ablation_table", "checkpoints"]
@@ -130,14 +130,10 @@ def run_ablation(
     given = {k: v for k, v in (("device", device), ("data_root", data_root)) if v is not None}
     base = demo_config(quick, config, {**overrides, **given})  # checks every key once, before anything runs
     overrides = {**overrides, **given, "device": resolve_device(base.device)}
-    refuse_foreign(out)  # never adopt a folder that is not a run
-    out.mkdir(parents=True, exist_ok=True)
     demo = {k: v for k, v in resolved_config(base).items() if k not in ("out", "seed")}  # per variant and seed
     ablation = {"seeds": list(seeds), "variants": {v: VARIANTS[v] for v in variants}, "control": control}
     # seeds, variants and the control may be added to a finished ablation; the demo settings may not change
-    claim_config(
-        out / "config.yaml", {**ablation, "quick": quick, "demo": demo}, ("seeds", "variants", "control", "demo.device")
-    )
+    claim_run_folder(out, {**ablation, "quick": quick, "demo": demo}, ("seeds", "variants", "control", "demo.device"))
     rows: list[dict] = []
     for seed in seeds:
         seed_dir = out / f"seed_{seed}"
@@ -173,10 +169,9 @@ def _variant(name: str, seed_dir: Path, quick: bool, config: str | Path | None, 
     if not (full / "round_1").exists():
         run_demo(quick, config, **{**overrides, "out": str(full)})
     variant = {**overrides, "oracle": False, "out": str(out), **VARIANTS[name]}
-    out.mkdir(parents=True, exist_ok=True)
-    # the folder is the variant's run before the shared stages are linked into it (files without a config.yaml
-    # would be a folder that is not a run, which the demo refuses)
-    claim_config(out / "config.yaml", resolved_config(demo_config(quick, config, variant)), RESUME_FREE)
+    # the folder is the variant's demo run before the shared stages are linked into it (files without a
+    # config.yaml would be a folder that is not a run, which the demo refuses)
+    claim_run_folder(out, resolved_config(demo_config(quick, config, variant)), RESUME_FREE)
     _share_source(full, out)
     return run_demo(quick, config, **variant)
 

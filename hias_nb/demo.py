@@ -41,7 +41,7 @@ from hias_nb.model_selection import dataset_agreement
 from hias_nb.models import checkpoint_meta, save_checkpoint
 from hias_nb.pretrain import PretrainConfig, pretrain
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
-from hias_nb.runs import claim_config, refuse_foreign, resolve_device
+from hias_nb.runs import claim_run_folder, resolve_device
 from hias_nb.self_train import SelfTrainConfig, self_train
 from hias_nb.train import TrainConfig, load_model, recalibrate_bn, train_source
 from hias_nb.warmup import WarmupConfig, adversarial_warmup
@@ -231,12 +231,9 @@ def run_demo(quick: bool = False, config: str | Path | None = None, **overrides:
     device = resolve_device(cfg.device)
     plan = stage_configs(cfg, device)
     t0 = time.perf_counter()
-    out_dir = Path(cfg.out)
-    refuse_foreign(out_dir)  # never adopt a folder that is not a run
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_run_folder(cfg.out, resolved_config(cfg), RESUME_FREE)  # refuses another demo's folder
     # a resumed demo's wall_seconds cover this call only; the report says so
     resumed = any(out_dir.glob("*/eval*.json"))
-    claim_config(out_dir / "config.yaml", resolved_config(cfg), RESUME_FREE)  # refuses another demo's folder
     print(f"[demo] toytown in {cfg.data_root}")
     setup = {"toytown": time.perf_counter()}
     ensure_toytown(cfg.data_root, images=cfg.images, seed=cfg.data_seed, size=cfg.size)

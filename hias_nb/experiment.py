@@ -32,7 +32,7 @@ from hias_nb.errors import InputError
 from hias_nb.evaluate import check_protocols, evaluate_stage, report_table, write_report
 from hias_nb.models import checkpoint_architecture
 from hias_nb.pseudo_label import PseudoLabelConfig, generate_pseudo_labels
-from hias_nb.runs import claim_config, refuse_foreign, resolve_device
+from hias_nb.runs import claim_run_folder, resolve_device
 from hias_nb.self_train import SelfTrainConfig, self_train
 from hias_nb.train import TrainConfig, train_source
 from hias_nb.warmup import WarmupConfig, adversarial_warmup
@@ -255,9 +255,7 @@ def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, sm
     plan = experiment_plan(cfg, device)
     out = Path(cfg.out)
     if main:
-        refuse_foreign(out)  # never adopt a folder that is not a run
-        out.mkdir(parents=True, exist_ok=True)
-        claim_config(out / "config.yaml", config_to_dict(cfg), ("out", "device"))  # refuses another experiment
+        claim_run_folder(out, config_to_dict(cfg), ("out", "device"))  # refuses another experiment
         print_plan(cfg, plan)
     distributed.barrier()
     t0 = time.perf_counter()

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from hias_nb.runs import (
     run_lock,
     save_state,
 )
+
+if TYPE_CHECKING:
+    from hias_nb.data.manifests import Manifest
 
 __all__ = [
     "RunSettings",
@@ -189,7 +192,7 @@ def input_identity(cfg: Any) -> dict[str, str]:
 DATA_SPLIT_KEYS = ("split", "source_split", "target_split")  # the stage-config keys that name splits read
 
 
-def dataset_identity(dataset: Any, data_root: str | Path, splits: list[str]) -> dict[str, str]:
+def dataset_identity(dataset: str | Path | Manifest, data_root: str | Path, splits: list[str]) -> dict[str, str]:
     """The data a stage reads, cheaply (`dataset`: a name, manifest path or `Manifest`, as `SegDataset` takes
     it): its folder, and a sha256 over every sample's id and the byte sizes of its image and label files in
     `splits`, plus a ``manifest.json`` in `data_root` (toytown's version, seed and size). Files replaced by

@@ -29,7 +29,7 @@ from hias_nb.io import atomic_path
 
 __all__ = [
     "prepare_run_dir",
-    "refuse_foreign",
+    "claim_run_folder",
     "record_resume_changes",
     "RESUME_CHANGEABLE",
     "claim_config",
@@ -60,7 +60,7 @@ def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True, resuming: boo
     stage writes once it has started, so a failed start blocks no corrected re-run). A folder with files but no
     ``config.yaml`` is not a hias_nb run: it is refused, never adopted."""
     out = Path(out)
-    refuse_foreign(out)
+    _refuse_foreign(out)
     if write:
         out.mkdir(parents=True, exist_ok=True)
     free = _RESUME_FREE | set(RESUME_CHANGEABLE) if resuming else _RESUME_FREE
@@ -68,10 +68,21 @@ def prepare_run_dir(out: str | Path, cfg: Any, write: bool = True, resuming: boo
     return out
 
 
-def refuse_foreign(out: str | Path) -> None:
+def claim_run_folder(out: str | Path, config: dict[str, Any], free: Collection[str] = ()) -> Path:
+    """Make `out` the folder of the run `config` describes (a demo, an experiment, an ablation): refused when it
+    cannot be written, is a file, holds files but no run, or holds a run with another config (`claim_config`);
+    else created, with ``config.yaml`` written."""
+    out = Path(out)
+    check_writable(out / "config.yaml", "out")
+    _refuse_foreign(out)
+    out.mkdir(parents=True, exist_ok=True)
+    claim_config(out / "config.yaml", config, free)
+    return out
+
+
+def _refuse_foreign(out: Path) -> None:
     """Refuse an ``--out`` that is a file, or a folder with files but no ``config.yaml`` (not a hias_nb run: never
     adopted, so nothing of its owner's is overwritten)."""
-    out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"out: {out} is a file, not a folder")
     if out.is_dir() and not (out / "config.yaml").exists():

@@ -196,14 +196,13 @@ def check_pseudo_origin(cfg: SelfTrainConfig) -> None:
     for key in ("dataset", "split"):
         if made["config"][key] != getattr(cfg, key):
             raise InputError(f"{where} {key} {made['config'][key]!r}, this round trains on {getattr(cfg, key)!r}")
-    recorded = made.get("inputs", {})  # recorded since pseudo-label folders record their inputs
-    root = recorded.get("data_root")
-    if root is not None and root != str(Path(cfg.data_root).resolve()):
+    recorded = made.get("inputs", {})  # what the folder recorded (older folders: data_root only, or nothing)
+    now = dataset_identity(cfg.dataset, cfg.data_root, [cfg.split])  # what the labelling recorded, measured again
+    if recorded.get("data_root", now["data_root"]) != now["data_root"]:
+        root = recorded["data_root"]
         raise InputError(f"{where} the images in {root}, this round trains on those in {cfg.data_root}")
-    if "data_sha256" in recorded:  # the same names, other images (data regenerated since): labels of other scenes
-        now = dataset_identity(cfg.dataset, cfg.data_root, [cfg.split])["data_sha256"]
-        if now != recorded["data_sha256"]:
-            raise InputError(f"{where} other images under the same names: {cfg.data_root} changed since they were made")
+    if recorded.get("data_sha256", now["data_sha256"]) != now["data_sha256"]:  # the same names, other scenes
+        raise InputError(f"{where} other images under the same names: {cfg.data_root} changed since they were made")
 
 
 def build_hpla(
